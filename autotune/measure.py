@@ -1,0 +1,164 @@
+"""Check a candidate, then time it.
+
+Correct first: every candidate runs on fresh random inputs into a NaN-poisoned output and is
+compared with a float64 reference; only then is it timed. Timing warms up, repeats within a
+millisecond budget and reports the median and the 20th/80th percentiles. GPU timing uses
+`triton.testing.do_bench` (CUDA events, L2 flushed between runs); CPU timing uses
+`time.perf_counter` the same way.
+"""
+
+from __future__ import annotations
+
+import enum
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from autotune.problem import Problem
+from autotune.reference import empty_output, make_inputs, reference
+
+
+class Status(str, enum.Enum):
+    OK = "ok"
+    INVALID = "invalid"  # the kernel's constraints reject this config for this problem
+    COMPILE_ERROR = "compile_error"
+    OUT_OF_RESOURCES = "out_of_resources"
+    WRONG_ANSWER = "wrong_answer"
+    TIMEOUT = "timeout"
+    CRASHED = "crashed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measurement:
+    """Times in milliseconds."""
+
+    median: float
+    p20: float
+    p80: float
+    n: int
+
+    def spread(self) -> float:
+        """Relative half-width of the p20..p80 band: the noise a comparison must beat."""
+        return (self.p80 - self.p20) / (2 * self.median) if self.median > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"median_ms": self.median, "p20_ms": self.p20, "p80_ms": self.p80, "n": self.n}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """What evaluating one candidate gave: a status, a time when ok, an error otherwise."""
+
+    status: Status
+    measurement: Measurement | None = None
+    error: float | None = None  # max relative error against the reference
+    message: str = ""
+
+
+# Relative tolerance (max |out - ref| / max |ref|) per dtype. The bound grows like the square root
+# of the reduction length, the usual behaviour of rounding errors in long sums.
+BASE_TOLERANCE = {"float64": 1e-12, "float32": 2e-6, "tf32": 1e-3, "float16": 1e-3, "bfloat16": 8e-3}
+
+
+def tolerance(dtype: str, reduction_length: int) -> float:
+    return BASE_TOLERANCE[dtype] * max(1.0, reduction_length**0.5)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max abs error over max |ref|; NaN or inf anywhere in `out` counts as infinitely wrong."""
+    out64 = out.detach().to(device="cpu", dtype=torch.float64)
+    if out64.shape != ref.shape:
+        return float("inf")
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    scale = ref.abs().max().item() or 1.0
+    return (out64 - ref).abs().max().item() / scale
+
+
+def verify(problem: Problem, out: torch.Tensor, ref: torch.Tensor, *, dtype: str | None = None) -> tuple[bool, float]:
+    """(ok, error): whether `out` matches the float64 reference within the dtype's tolerance."""
+    error = relative_error(out, ref)
+    return error <= tolerance(dtype or problem.dtype, problem.reduction_length()), error
+
+
+def bench_cpu(fn: Callable[[], object], *, warmup_ms: float = 5.0, rep_ms: float = 40.0,
+              max_reps: int = 1000) -> Measurement:
+    """Median of repeated perf_counter timings within a time budget (at least 5 runs)."""
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    warmups = max(1, min(50, int(warmup_ms / 1e3 / max(once, 1e-7))))
+    for _ in range(warmups):
+        fn()
+    reps = max(5, min(max_reps, int(rep_ms / 1e3 / max(once, 1e-7))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _summarize(times)
+
+
+def bench_gpu(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> Measurement:
+    from triton.testing import do_bench
+
+    p20, median, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+    # do_bench decides the repetition count from rep_ms; estimate it for the record.
+    return Measurement(median=median, p20=p20, p80=p80, n=max(1, int(rep_ms / max(median, 1e-3))))
+
+
+def bench(fn: Callable[[], object], *, device: str, warmup_ms: float | None = None,
+          rep_ms: float | None = None) -> Measurement:
+    options = {k: v for k, v in (("warmup_ms", warmup_ms), ("rep_ms", rep_ms)) if v is not None}
+    return bench_gpu(fn, **options) if device == "cuda" else bench_cpu(fn, **options)
+
+
+def _summarize(times: list[float]) -> Measurement:
+    times = sorted(times)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
+    return Measurement(median=statistics.median(times), p20=q[1], p80=q[7], n=len(times))
+
+
+def classify_exception(exc: BaseException) -> Status:
+    """Map a kernel failure to a trial status (a failure is a result, not a crash)."""
+    name = type(exc).__name__
+    text = str(exc)
+    if name == "OutOfResources" or "out of resource" in text.lower() or isinstance(exc, torch.OutOfMemoryError):
+        return Status.OUT_OF_RESOURCES
+    if name in ("CompilationError", "CompileTimeAssertionFailure") or "compil" in name.lower():
+        return Status.COMPILE_ERROR
+    return Status.CRASHED
+
+
+def precision_of(problem: Problem, knobs) -> str:
+    """The arithmetic a config asks for: TF32 knobs loosen a float32 tolerance to TF32's."""
+    if problem.dtype == "float32" and (knobs.get("input_precision") == "tf32" or knobs.get("allow_tf32")):
+        return "tf32"
+    return problem.dtype
+
+
+def evaluate(problem: Problem, spec, knobs, *, device: str, seed: int = 0,
+             rep_ms: float | None = None) -> Outcome:
+    """Verify `spec` with `knobs` on `problem`, then time it. Never raises for a bad candidate."""
+    knobs = spec.full_knobs(problem, knobs)
+    reason = spec.check(problem, knobs)
+    if reason is not None:
+        return Outcome(status=Status.INVALID, message=reason)
+    inputs = make_inputs(problem, device=device, seed=seed)
+    out = empty_output(problem, device=device)
+    out.fill_(float("nan"))
+    try:
+        result = spec.run(problem, knobs, inputs, out)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - any kernel failure is a trial result
+        return Outcome(status=classify_exception(exc), message=f"{type(exc).__name__}: {exc}"[:500])
+    ok, error = verify(problem, result, reference(problem, inputs), dtype=precision_of(problem, knobs))
+    if not ok:
+        return Outcome(status=Status.WRONG_ANSWER, error=error,
+                       message=f"max relative error {error:.2e} above tolerance")
+    measurement = bench(lambda: spec.run(problem, knobs, inputs, out), device=device, rep_ms=rep_ms)
+    return Outcome(status=Status.OK, measurement=measurement, error=error)

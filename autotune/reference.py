@@ -1,0 +1,49 @@
+"""Fresh inputs for a problem and the float64 answer every candidate is checked against."""
+
+from __future__ import annotations
+
+import torch
+
+from autotune.problem import Conv2dProblem, GemmProblem, Problem
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return TORCH_DTYPES[name]
+
+
+def make_inputs(problem: Problem, *, device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random operands in the problem's dtype (uniform in [-1, 1], contiguous)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = []
+    for shape in problem.input_shapes():
+        t = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1
+        tensors.append(t.to(device=device, dtype=torch_dtype(problem.dtype)))
+    return tuple(tensors)
+
+
+def empty_output(problem: Problem, *, device: str = "cpu") -> torch.Tensor:
+    return torch.empty(problem.output_shape(), device=device, dtype=torch_dtype(problem.dtype))
+
+
+def reference(problem: Problem, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The exact-as-possible answer: torch in float64 on the CPU."""
+    a, b = (t.detach().to(device="cpu", dtype=torch.float64) for t in inputs)
+    if isinstance(problem, GemmProblem):
+        return (a.T if problem.trans_a else a) @ (b.T if problem.trans_b else b)
+    return conv_reference(problem, a, b)
+
+
+def conv_reference(problem: Conv2dProblem, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    geometry = dict(stride=problem.stride, padding=problem.padding, dilation=problem.dilation)
+    if problem.op == "conv2d":
+        return torch.nn.functional.conv2d(a, b, **geometry)
+    if problem.op == "conv2d_bwd_data":
+        return torch.nn.grad.conv2d_input(problem.x_shape, b, a, **geometry)
+    return torch.nn.grad.conv2d_weight(a, problem.w_shape, b, **geometry)
