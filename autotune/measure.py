@@ -21,7 +21,7 @@ from autotune.problem import Problem
 from autotune.reference import empty_output, make_inputs, reference
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     OK = "ok"
     INVALID = "invalid"  # the kernel's constraints reject this config for this problem
     COMPILE_ERROR = "compile_error"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Union
 
 from autotune.errors import ShapeError, UnknownNameError
 
@@ -180,7 +179,7 @@ class GemmProblem:
         return _stable_key(self)
 
 
-Problem = Union[Conv2dProblem, GemmProblem]
+Problem = Conv2dProblem | GemmProblem
 
 
 def problem_to_dict(problem: Problem) -> dict:

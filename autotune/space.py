@@ -48,7 +48,7 @@ class Space:
         """Every point of the space (the exhaustive grid), constraints not yet applied."""
         names = [p.name for p in self.params]
         for values in itertools.product(*(p.values for p in self.params)):
-            yield dict(zip(names, values))
+            yield dict(zip(names, values, strict=True))
 
 
 @dataclass(frozen=True, kw_only=True)

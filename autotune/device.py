@@ -1,0 +1,99 @@
+"""What we run on, and the fingerprint that keys cached results to it.
+
+A tuned config is only valid on the machine and software it was measured on: the fingerprint
+names the GPU (name, compute capability, driver/CUDA) or the CPU (model, core count, BLAS), and
+the versions of the libraries whose code we time.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from functools import cache
+
+import numpy as np
+import torch
+
+from autotune.errors import DeviceError, UnknownNameError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve(name: str = "auto") -> str:
+    """'auto' picks cuda when a GPU and Triton are usable, else cpu."""
+    if name not in DEVICE_CHOICES:
+        raise UnknownNameError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() and _triton_version() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    return name
+
+
+@cache
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@cache
+def _blas() -> str:
+    try:
+        info = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{info.get('name', '?')} {info.get('version', '')}".strip()
+    except Exception:  # noqa: BLE001 - older numpy has no dict mode; the name is informative only
+        return "unknown"
+
+
+@cache
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def threads() -> int:
+    return torch.get_num_threads()
+
+
+@cache
+def fingerprint(kind: str) -> dict[str, str | int]:
+    """The hardware a result was measured on. Changing any field invalidates cached results."""
+    if kind == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return {
+            "kind": "cuda",
+            "gpu": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda or "unknown",
+            "sms": props.multi_processor_count,
+        }
+    return {
+        "kind": "cpu",
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count() or 1,
+        "threads": threads(),
+        "blas": _blas(),
+    }
+
+
+@cache
+def versions() -> dict[str, str]:
+    """Library versions whose code is timed (a new torch may change oneDNN/cuDNN choices)."""
+    out = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+    }
+    triton = _triton_version()
+    if triton:
+        out["triton"] = triton
+    return out

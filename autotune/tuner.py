@@ -1,0 +1,282 @@
+"""Search a problem's kernels and knobs with Optuna. The only module that imports optuna.
+
+The space is conditional and define-by-run: the algorithm is chosen first, then that algorithm's
+knobs. Each algorithm's default config is enqueued first, so the search starts from known-good
+points. Knobs whose values are all ascending numbers (tile sizes) are suggested as an index so
+samplers see their order; other knobs are categorical. A failed candidate is a trial result (a
+pruned trial with its status in user attrs), never an exception. `--trials N` counts distinct
+configs measured: a config the sampler proposes twice is answered from memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import optuna
+
+from autotune import measure
+from autotune.errors import UnknownNameError
+from autotune.measure import Measurement, Outcome, Status
+from autotune.problem import Problem
+from autotune.space import Config, Param
+
+SAMPLERS = ("tpe", "random", "grid", "cmaes")
+VENDOR = "vendor"
+
+Evaluate = Callable[[Problem, object, dict], Outcome]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    config: Config
+    measurement: Measurement
+
+    @property
+    def algorithm(self) -> str:
+        return self.config.algorithm
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialRecord:
+    number: int
+    config: Config
+    status: Status
+    median_ms: float | None
+    message: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneResult:
+    problem: Problem
+    best: Candidate | None  # the overall winner, vendor included
+    best_own: Candidate | None  # the best of our own kernels
+    vendor: Candidate | None  # torch's op, measured in the same run
+    trials: tuple[TrialRecord, ...] = field(default=())
+    study_name: str = ""
+
+    def counts(self) -> dict[str, int]:
+        counted = Counter(t.status.value for t in self.trials)
+        return {s.value: counted.get(s.value, 0) for s in Status if counted.get(s.value)}
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        # multivariate + group model the knobs of one algorithm jointly, and keep algorithms'
+        # conditional sub-spaces apart.
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        # Exhaustive over the conditional space; stops the study when every config was tried.
+        return optuna.samplers.BruteForceSampler(seed=seed)
+    if name == "cmaes":
+        # CMA-ES models the ordered (index) knobs; the categorical algorithm choice falls back
+        # to independent sampling.
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False,
+                                            independent_sampler=optuna.samplers.TPESampler(seed=seed))
+    raise UnknownNameError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def _is_ordinal(param: Param) -> bool:
+    values = param.values
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return numeric and len(values) > 1 and list(values) == sorted(values)
+
+
+def _suggest(trial: optuna.Trial, name: str, param: Param):
+    if _is_ordinal(param):
+        return param.values[trial.suggest_int(name, 0, len(param.values) - 1)]
+    return trial.suggest_categorical(name, list(param.values))
+
+
+def _encode(algorithm: str, knobs: dict, spec) -> dict:
+    """A config as Optuna params (for enqueueing defaults)."""
+    params: dict = {"algorithm": algorithm}
+    for param in spec.space:
+        value = knobs.get(param.name)
+        if value not in param.values:
+            continue  # a default outside an edited space: let the sampler pick
+        name = f"{algorithm}.{param.name}"
+        params[name] = param.values.index(value) if _is_ordinal(param) else value
+    return params
+
+
+def _space_size(specs) -> int:
+    return sum(spec.space.size() for spec in specs)
+
+
+def tune(
+    problem: Problem,
+    *,
+    device: str = "cpu",
+    trials: int = 40,
+    timeout: float | None = None,
+    sampler: str = "tpe",
+    storage: str | None = None,
+    study_name: str | None = None,
+    seed: int | None = 0,
+    evaluate: Evaluate | None = None,
+    specs: Sequence | None = None,
+    progress: bool = False,
+    fresh: bool = False,
+    confirm_top: int = 3,
+) -> TuneResult:
+    """Find the fastest correct (algorithm, knobs) for `problem` on `device`.
+
+    evaluate(problem, spec, knobs) -> Outcome verifies then times one candidate (default: in
+    process, measure.evaluate). specs defaults to every registered kernel that supports the
+    problem on the device. storage is any Optuna storage URL (None: in memory); a study of the
+    same name resumes where it stopped unless `fresh`. confirm_top re-times the best few
+    candidates and the vendor back to back at the end, so the winner is not a lucky sample.
+    """
+    if specs is None:
+        import kernels
+
+        specs = kernels.kernels_for(problem, device)
+    if not specs:
+        raise UnknownNameError(f"no kernel supports {problem.describe()} on {device}")
+    if evaluate is None:
+        evaluate = functools.partial(measure.evaluate, device=device, seed=seed or 0)
+    by_name = {spec.algorithm: spec for spec in specs}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    name = study_name or f"autotune-{problem.key()}-{device}"
+    if fresh and storage is not None:
+        try:
+            optuna.delete_study(study_name=name, storage=storage)
+        except KeyError:
+            pass
+    study = optuna.create_study(storage=storage, study_name=name, sampler=make_sampler(sampler, seed),
+                                direction="minimize", load_if_exists=True)
+    seen: dict[str, Outcome] = _outcomes_from(study)
+    if not study.trials:
+        for spec in specs:
+            study.enqueue_trial(_encode(spec.algorithm, spec.default_config(problem).as_dict(), spec))
+
+    budget = min(trials, _space_size(specs))
+    bar = _progress_bar(problem, budget, len(seen)) if progress else None
+
+    def objective(trial: optuna.Trial) -> float:
+        algorithm = trial.suggest_categorical("algorithm", list(by_name))
+        spec = by_name[algorithm]
+        knobs = {p.name: _suggest(trial, f"{algorithm}.{p.name}", p) for p in spec.space}
+        config = Config.make(algorithm, spec.full_knobs(problem, knobs))
+        trial.set_user_attr("config", config.key())
+        outcome = seen.get(config.key())
+        if outcome is None:
+            outcome = evaluate(problem, spec, knobs)
+            seen[config.key()] = outcome
+            if bar is not None:
+                bar.update(1)
+        _record(trial, outcome)
+        if bar is not None:
+            _show_best(bar, seen)
+        if outcome.status is not Status.OK:
+            raise optuna.TrialPruned(outcome.message)
+        return outcome.measurement.median
+
+    def stop_when_spent(study: optuna.Study, _trial) -> None:
+        if len(seen) >= budget:
+            study.stop()
+
+    if len(seen) < budget:
+        try:
+            # Repeated proposals are free, so allow more Optuna trials than measurements.
+            study.optimize(objective, n_trials=4 * budget + len(specs), timeout=timeout,
+                           callbacks=[stop_when_spent], catch=())
+        finally:
+            if bar is not None:
+                bar.close()
+    return _result(problem, study, by_name, evaluate, confirm_top, device)
+
+
+def _record(trial: optuna.Trial, outcome: Outcome) -> None:
+    trial.set_user_attr("status", outcome.status.value)
+    if outcome.measurement is not None:
+        trial.set_user_attr("measurement", outcome.measurement.as_dict())
+    if outcome.error is not None and math.isfinite(outcome.error):
+        trial.set_user_attr("error", outcome.error)
+    if outcome.message:
+        trial.set_user_attr("message", outcome.message[:300])
+
+
+def _outcomes_from(study: optuna.Study) -> dict[str, Outcome]:
+    """Outcomes already in a (resumed) study, by config key."""
+    seen: dict[str, Outcome] = {}
+    for t in study.get_trials(deepcopy=False):
+        status = t.user_attrs.get("status")
+        key = t.user_attrs.get("config")
+        if status is None or key is None or t.state not in (
+            optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+        ):
+            continue
+        m = t.user_attrs.get("measurement")
+        measurement = (
+            Measurement(median=m["median_ms"], p20=m["p20_ms"], p80=m["p80_ms"], n=m["n"]) if m else None
+        )
+        seen[key] = Outcome(status=Status(status), measurement=measurement,
+                            message=t.user_attrs.get("message", ""))
+    return seen
+
+
+def _config_from_key(key: str) -> Config:
+    import json
+
+    data = json.loads(key)
+    return Config.make(data["algorithm"], data["knobs"])
+
+
+def _result(problem, study, by_name, evaluate, confirm_top, device) -> TuneResult:
+    records = []
+    for t in study.get_trials(deepcopy=False):
+        if "status" not in t.user_attrs:
+            continue
+        m = t.user_attrs.get("measurement")
+        records.append(TrialRecord(number=t.number, config=_config_from_key(t.user_attrs["config"]),
+                                   status=Status(t.user_attrs["status"]),
+                                   median_ms=m["median_ms"] if m else None,
+                                   message=t.user_attrs.get("message", "")))
+    ok = {}
+    for rec in records:
+        if rec.status is Status.OK:
+            ok.setdefault(rec.config.key(), rec)
+    ranked = sorted(ok.values(), key=lambda r: r.median_ms)
+    own = [r for r in ranked if r.config.algorithm != VENDOR][:confirm_top]
+    vendor = [r for r in ranked if r.config.algorithm == VENDOR][:1]
+    finalists = own + vendor
+    confirmed: list[Candidate] = []
+    for rec in finalists:
+        if confirm_top > 0:
+            # Re-time back to back with a longer budget: the winner must hold up in one sitting.
+            outcome = evaluate(problem, by_name[rec.config.algorithm], rec.config.as_dict())
+            if outcome.status is not Status.OK:
+                continue
+            measurement = outcome.measurement
+        else:
+            measurement = Measurement(median=rec.median_ms, p20=rec.median_ms, p80=rec.median_ms, n=1)
+        confirmed.append(Candidate(config=rec.config, measurement=measurement))
+    confirmed.sort(key=lambda c: c.measurement.median)
+    best_own = next((c for c in confirmed if c.algorithm != VENDOR), None)
+    vendor_c = next((c for c in confirmed if c.algorithm == VENDOR), None)
+    return TuneResult(problem=problem, best=confirmed[0] if confirmed else None, best_own=best_own,
+                      vendor=vendor_c, trials=tuple(records), study_name=study.study_name)
+
+
+def _progress_bar(problem: Problem, total: int, done: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=min(done, total), desc=f"tuning {problem.op}", unit="cfg",
+                dynamic_ncols=True, leave=False)
+
+
+def _show_best(bar, seen: dict[str, Outcome]) -> None:
+    ok = [(o.measurement.median, k) for k, o in seen.items() if o.status is Status.OK]
+    if ok:
+        median, key = min(ok)
+        bar.set_postfix_str(f"best {median:.3f} ms ({_config_from_key(key).algorithm})", refresh=False)
