@@ -122,7 +122,7 @@ def tune(
     seed: int | None = 0,
     evaluate: Evaluate | None = None,
     specs: Sequence | None = None,
-    progress: bool = False,
+    progress=False,
     fresh: bool = False,
     confirm_top: int = 3,
 ) -> TuneResult:
@@ -160,7 +160,9 @@ def tune(
             study.enqueue_trial(_encode(spec.algorithm, spec.default_config(problem).as_dict(), spec))
 
     budget = min(trials, _space_size(specs))
-    bar = _progress_bar(problem, budget, len(seen)) if progress else None
+    # progress: True for a bar of our own, or a tqdm bar to share (one bar over many problems).
+    own_bar = progress is True
+    bar = _progress_bar(problem, budget, len(seen)) if own_bar else (progress or None)
 
     def objective(trial: optuna.Trial) -> float:
         algorithm = trial.suggest_categorical("algorithm", list(by_name))
@@ -191,7 +193,7 @@ def tune(
             study.optimize(objective, n_trials=4 * budget + len(specs), timeout=timeout,
                            callbacks=[stop_when_spent], catch=())
         finally:
-            if bar is not None:
+            if own_bar:
                 bar.close()
     return _result(problem, study, by_name, evaluate, confirm_top, device)
 
@@ -247,7 +249,7 @@ def _result(problem, study, by_name, evaluate, confirm_top, device) -> TuneResul
         if rec.status is Status.OK:
             ok.setdefault(rec.config.key(), rec)
     ranked = sorted(ok.values(), key=lambda r: r.median_ms)
-    own = [r for r in ranked if r.config.algorithm != VENDOR][:confirm_top]
+    own = [r for r in ranked if r.config.algorithm != VENDOR][: max(confirm_top, 1)]
     vendor = [r for r in ranked if r.config.algorithm == VENDOR][:1]
     finalists = own + vendor
     confirmed: list[Candidate] = []

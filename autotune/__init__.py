@@ -1,0 +1,50 @@
+"""kernel-autotune: tune conv and GEMM kernels on the machine at hand, cache the winners per
+shape, and pick them per layer at run time.
+
+    import autotune
+    y = autotune.conv2d(x, w, b, stride=1, padding=2)   # autograd-enabled, dispatched per shape
+    model = autotune.patch(model)                        # nn.Conv2d / nn.Linear -> tuned modules
+    with autotune.policy("benchmark"):                   # like cudnn.benchmark, but persistent
+        train(model)
+
+Importing autotune does not import optuna: `autotune.tune` loads it on first use.
+"""
+
+from autotune.cache import Cache
+from autotune.dispatch import get_policy, policy, select, set_policy, stats
+from autotune.errors import AutotuneError
+from autotune.lenet import LeNet5, lenet_problems
+from autotune.nn import Conv2d, Linear, conv2d, linear, patch
+from autotune.problem import Conv2dProblem, GemmProblem, parse_problem
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutotuneError",
+    "Cache",
+    "Conv2d",
+    "Conv2dProblem",
+    "GemmProblem",
+    "LeNet5",
+    "Linear",
+    "conv2d",
+    "get_policy",
+    "lenet_problems",
+    "linear",
+    "parse_problem",
+    "patch",
+    "policy",
+    "select",
+    "set_policy",
+    "stats",
+    "tune",
+]
+
+
+def __getattr__(name: str):
+    # tune() needs optuna, which is heavy; load it only when asked for.
+    if name == "tune":
+        from autotune.tuner import tune
+
+        return tune
+    raise AttributeError(f"module 'autotune' has no attribute {name!r}")

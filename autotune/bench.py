@@ -1,0 +1,184 @@
+"""`autotune bench`: our kernels against torch's own op, re-measured now, same inputs, same run.
+
+For each shape (the cached ones, or the LeNet suite) the best own kernel, torch's op and the
+tuned choice are timed in interleaved rounds, so a slow spell of a shared machine hits all three
+alike. Figures are ratios torch time / our time (above 1: ours is faster), never absolute claims.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from autotune import measure
+from autotune.cache import Cache
+from autotune.errors import AutotuneError
+from autotune.problem import Conv2dProblem, GemmProblem, Problem, problem_from_dict
+from autotune.reference import empty_output, make_inputs
+from autotune.report import format_table, ms
+
+# (C, H, W, K, R, S, padding) of LeNet's convolutions, plus the 3-channel CIFAR-size variant the
+# seed's lab also uses; (in, out) of its fully connected layers.
+LENET_CONVS = ((1, 28, 28, 6, 5, 5, 2), (3, 32, 32, 6, 5, 5, 0), (6, 14, 14, 16, 5, 5, 0))
+LENET_FCS = ((400, 120), (120, 84), (84, 10))
+
+
+def lenet_suite(batches: list[int], dtype: str = "float32") -> list[Problem]:
+    problems: list[Problem] = []
+    for n in batches:
+        for c, h, w, k, r, s, pad in LENET_CONVS:
+            for op in ("conv2d", "conv2d_bwd_data", "conv2d_bwd_weight"):
+                problems.append(Conv2dProblem(op=op, n=n, c=c, h=h, w=w, k=k, r=r, s=s, padding=pad, dtype=dtype))
+        for fan_in, fan_out in LENET_FCS:
+            problems += [
+                GemmProblem(m=n, n=fan_out, k=fan_in, trans_b=True, dtype=dtype),  # forward x·Wᵀ
+                GemmProblem(m=n, n=fan_in, k=fan_out, dtype=dtype),  # grad input dY·W
+                GemmProblem(m=fan_out, n=fan_in, k=n, trans_a=True, dtype=dtype),  # grad weight dYᵀ·X
+            ]
+    return problems
+
+
+def _parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise AutotuneError(f"--batches {text!r} must be comma-separated integers, e.g. 1,16,64") from None
+    if not batches or any(b <= 0 for b in batches):
+        raise AutotuneError(f"--batches {text!r} must list positive batch sizes")
+    return batches
+
+
+def _cached_problems(cache: Cache, device: str) -> list[Problem]:
+    from autotune import device as devices
+
+    fp = devices.fingerprint(device)
+    problems = []
+    for record in cache.entries().values():
+        if isinstance(record, dict) and record.get("device") == fp:
+            try:
+                problems.append(problem_from_dict(record["problem"]))
+            except (AutotuneError, KeyError, TypeError):
+                continue
+    return problems
+
+
+def run_bench(args) -> int:
+    from tqdm.auto import tqdm
+
+    import kernels
+
+    if args.trials <= 0 or args.rounds <= 0:
+        raise AutotuneError("--trials and --rounds must be positive")
+    cache = Cache(args.cache_dir)
+    if args.suite == "lenet":
+        problems = lenet_suite(_parse_batches(args.batches))
+    else:
+        problems = _cached_problems(cache, args.device)
+        if not problems:
+            raise AutotuneError(f"no cached results for this {args.device} in {cache.path}; run "
+                                "`autotune search ...` first or use `autotune bench --suite lenet`")
+    rows = []
+    with tqdm(total=len(problems), desc="bench", unit="shape", disable=args.json) as bar:
+        for problem in problems:
+            specs = kernels.kernels_for(problem, args.device)
+            record = _ensure_tuned(args, cache, problem, specs)
+            rows.append(_measure_row(problem, specs, record, args.device, args.rounds))
+            bar.update(1)
+    summary = _summarize(rows)
+    output = args.output or (args.cache_dir / f"bench-{args.device}.json")
+    _write_json(output, {"device": args.device, "rows": rows, "summary": summary})
+    if args.json:
+        print(json.dumps({"rows": rows, "summary": summary, "output": str(output)}, indent=1))
+        return 0
+    print(format_table(
+        ("problem", "best own", "own ms", "torch ms", "torch/own", "chosen", "chosen/torch"),
+        [(r["problem"], r["own_algorithm"] or "-", ms(r["own_ms"]), ms(r["torch_ms"]),
+          f"{r['torch_over_own']:.2f}" if r["torch_over_own"] else "-", r["chosen"],
+          f"{r['chosen_over_torch']:.2f}{'' if r['chosen_within_noise'] else ' !'}") for r in rows]))
+    print(f"\ngeomean torch/own over {summary['shapes_with_own']} shapes: {summary['geomean_torch_over_own']:.3f}"
+          f"   shapes where our own kernel wins: {summary['own_wins']}"
+          f"\nchosen slower than torch beyond the noise ('!'): {summary['chosen_slower_than_noise']}"
+          f"\nfigures written to {output}")
+    return 0
+
+
+def _ensure_tuned(args, cache: Cache, problem: Problem, specs) -> dict:
+    hashes = {s.algorithm: s.source_hash for s in specs}
+    entry = cache.find(problem, args.device, hashes)
+    if entry is None:
+        from autotune.dispatch import save_result
+        from autotune.tuner import tune
+
+        result = tune(problem, device=args.device, trials=args.trials, specs=specs)
+        if result.best is None:
+            raise AutotuneError(f"no candidate passed verification for {problem.describe()}")
+        save_result(cache, result, args.device)
+        entry = cache.find(problem, args.device, hashes)
+    return entry.record
+
+
+def _measure_row(problem: Problem, specs, record: dict, device: str, rounds: int) -> dict:
+    by_name = {s.algorithm: s for s in specs}
+    own = record.get("best_own") or (record if record["algorithm"] != "vendor" else None)
+    wanted = {"torch": ("vendor", {}), "chosen": (record["algorithm"], record["knobs"])}
+    if own is not None and own["algorithm"] in by_name:
+        wanted["own"] = (own["algorithm"], own["knobs"])
+    # The chosen config is usually torch's or our best one: time each distinct config once, so
+    # a config is never compared with itself (which would only measure noise).
+    alias = {}
+    contenders = {}
+    for name, (algorithm, knobs) in wanted.items():
+        same = next((n for n, (a, k) in wanted.items() if (a, k) == (algorithm, knobs) and n in contenders), None)
+        if same is None:
+            contenders[name] = (by_name[algorithm], knobs)
+        else:
+            alias[name] = same
+    inputs = make_inputs(problem, device=device)
+    out = empty_output(problem, device=device)
+    samples: dict[str, list[measure.Measurement]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, (spec, knobs) in contenders.items():
+            full = spec.full_knobs(problem, knobs)
+            samples[name].append(measure.bench(lambda s=spec, k=full: s.run(problem, k, inputs, out),
+                                               device=device, rep_ms=15.0))
+    med = {name: statistics.median(m.median for m in ms_) for name, ms_ in samples.items()}
+    noise = {name: statistics.median(m.spread() for m in ms_) for name, ms_ in samples.items()}
+    for name, same in alias.items():
+        med[name], noise[name] = med[same], noise[same]
+    chosen_over_torch = med["chosen"] / med["torch"]
+    return {
+        "problem": problem.describe(),
+        "own_algorithm": own["algorithm"] if own else None,
+        "own_knobs": own["knobs"] if own else None,
+        "own_ms": med.get("own"),
+        "torch_ms": med["torch"],
+        "torch_over_own": med["torch"] / med["own"] if "own" in med else None,
+        "chosen": record["algorithm"],
+        "chosen_ms": med["chosen"],
+        "chosen_over_torch": chosen_over_torch,
+        "noise": max(noise["chosen"], noise["torch"]),
+        "chosen_within_noise": chosen_over_torch <= 1 + max(noise["chosen"], noise["torch"]),
+    }
+
+
+def _summarize(rows: list[dict]) -> dict:
+    ratios = [r["torch_over_own"] for r in rows if r["torch_over_own"]]
+    return {
+        "shapes": len(rows),
+        "shapes_with_own": len(ratios),
+        "geomean_torch_over_own": math.exp(statistics.fmean(math.log(x) for x in ratios)) if ratios else 0.0,
+        "own_wins": sum(1 for x in ratios if x > 1),
+        "chosen_slower_than_noise": sum(1 for r in rows if not r["chosen_within_noise"]),
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,195 @@
+"""PyTorch integration: conv2d and linear whose forward and both gradients are tuned kernels.
+
+Each of the three products of a layer (forward, grad input, grad weight) is its own problem and
+is dispatched on its own, as cuDNN picks FwdAlgo, BwdDataAlgo and BwdFilterAlgo separately. Our
+kernels show up in torch.profiler as `autotune::<op>:<algorithm>`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from autotune import dispatch
+from autotune.problem import Conv2dProblem, GemmProblem, Problem
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
+
+
+def _device_kind(t: torch.Tensor) -> str:
+    return "cuda" if t.is_cuda else "cpu"
+
+
+def run(problem: Problem, *inputs: torch.Tensor) -> torch.Tensor:
+    """Dispatch `problem` and run the chosen kernel on `inputs` (contiguous, no autograd)."""
+    inputs = tuple(t.detach().contiguous() for t in inputs)
+    device = _device_kind(inputs[0])
+    choice = dispatch.select(problem, device, inputs)
+    with torch.profiler.record_function(f"autotune::{problem.op}:{choice.spec.algorithm}"):
+        out = torch.empty(problem.output_shape(), dtype=inputs[0].dtype, device=inputs[0].device)
+        return choice.run(problem, inputs, out)
+
+
+def _single(value, name: str) -> int:
+    """Our problems use square geometry; accept 2 or (2, 2) and refuse (1, 2) clearly."""
+    if isinstance(value, int):
+        return value
+    first, *rest = tuple(value)
+    if any(v != first for v in rest):
+        raise ValueError(f"autotune.conv2d supports equal {name} in both dims, got {tuple(value)}")
+    return int(first)
+
+
+def conv_problem(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> Conv2dProblem:
+    n, c, h, wd = x.shape
+    k, wc, r, s = w.shape
+    if wc != c:
+        raise ValueError(f"weight expects {wc} input channels, input has {c}")
+    return Conv2dProblem(op="conv2d", n=n, c=c, h=h, w=wd, k=k, r=r, s=s,
+                         stride=_single(stride, "stride"), padding=_single(padding, "padding"),
+                         dilation=_single(dilation, "dilation"), dtype=_DTYPE_NAMES[x.dtype])
+
+
+class _Conv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, problem: Conv2dProblem):
+        ctx.save_for_backward(x, w)
+        ctx.problem = problem
+        y = run(problem, x, w)
+        if b is not None:
+            y = y.add_(b.view(1, -1, 1, 1))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        problem = ctx.problem
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = run(problem.with_op("conv2d_bwd_data"), dy, w)
+        if ctx.needs_input_grad[1]:
+            dw = run(problem.with_op("conv2d_bwd_weight"), x, dy)
+        if ctx.needs_input_grad[2]:
+            db = dy.sum(dim=(0, 2, 3))
+        return dx, dw, db, None
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, stride=1, padding=0,
+           dilation=1) -> torch.Tensor:
+    """Like torch.nn.functional.conv2d (groups=1, zero padding), on tuned kernels."""
+    return _Conv2dFunction.apply(x, w, b, conv_problem(x, w, stride, padding, dilation))
+
+
+class _LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, w, b):
+        ctx.save_for_backward(x2d, w)
+        batch, fan_in = x2d.shape
+        dtype = _DTYPE_NAMES[x2d.dtype]
+        # y = x·Wᵀ: W is stored (out, in), read transposed through its strides.
+        y = run(GemmProblem(m=batch, n=w.shape[0], k=fan_in, trans_b=True, dtype=dtype), x2d, w)
+        if b is not None:
+            y = y.add_(b)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, w = ctx.saved_tensors
+        batch, fan_in = x2d.shape
+        fan_out = w.shape[0]
+        dtype = _DTYPE_NAMES[x2d.dtype]
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:  # dX = dY·W
+            dx = run(GemmProblem(m=batch, n=fan_in, k=fan_out, dtype=dtype), dy, w)
+        if ctx.needs_input_grad[1]:  # dW = dYᵀ·X
+            dw = run(GemmProblem(m=fan_out, n=fan_in, k=batch, trans_a=True, dtype=dtype), dy, x2d)
+        if ctx.needs_input_grad[2]:
+            db = dy.sum(dim=0)
+        return dx, dw, db
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """Like torch.nn.functional.linear, on tuned kernels (leading dims are flattened)."""
+    lead = x.shape[:-1]
+    y = _LinearFunction.apply(x.reshape(-1, x.shape[-1]), w, b)
+    return y.reshape(*lead, w.shape[0])
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d whose forward and gradients run on tuned kernels (same parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward and gradients run on tuned kernels (same parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def _patchable_conv(m: nn.Conv2d) -> bool:
+    square = all(len(set(v)) == 1 for v in (m.stride, m.padding if not isinstance(m.padding, str) else (0,), m.dilation))
+    return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str) and square
+
+
+def patch(model: nn.Module) -> nn.Module:
+    """Swap the model's nn.Conv2d / nn.Linear for autotune's, in place; returns the model.
+
+    The class of each module is swapped rather than the module replaced, so parameters keep
+    their identity (an optimizer built before patching still updates them) and state_dict keys
+    are unchanged. Convs we cannot run (groups, non-zero padding modes, unequal strides) stay.
+    """
+    for module in model.modules():
+        if type(module) is nn.Conv2d and _patchable_conv(module):
+            module.__class__ = Conv2d
+        elif type(module) is nn.Linear:
+            module.__class__ = Linear
+    return model
+
+
+def layer_problems(model: nn.Module, example: torch.Tensor) -> list[Problem]:
+    """Every problem a training step of `model` on inputs like `example` dispatches, in order.
+
+    Found by a forward pass with hooks; grad-input problems are left out where the layer's input
+    needs no gradient (the first layer), as autograd would skip them too.
+    """
+    problems: list[Problem] = []
+
+    def hook(module, args, _output):
+        x = args[0]
+        dtype = _DTYPE_NAMES[x.dtype]
+        if isinstance(module, nn.Conv2d):
+            fwd = conv_problem(x, module.weight, module.stride, module.padding, module.dilation)
+            ops = ["conv2d"] + (["conv2d_bwd_data"] if x.requires_grad else []) + ["conv2d_bwd_weight"]
+            problems.extend(fwd.with_op(op) for op in ops)
+        elif isinstance(module, nn.Linear):
+            batch, fan_in, fan_out = x.reshape(-1, x.shape[-1]).shape[0], module.in_features, module.out_features
+            problems.append(GemmProblem(m=batch, n=fan_out, k=fan_in, trans_b=True, dtype=dtype))
+            if x.requires_grad:
+                problems.append(GemmProblem(m=batch, n=fan_in, k=fan_out, dtype=dtype))
+            problems.append(GemmProblem(m=fan_out, n=fan_in, k=batch, trans_a=True, dtype=dtype))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with dispatch.policy("cached"), torch.enable_grad():
+            _plain_forward(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    unique: dict[Problem, None] = dict.fromkeys(problems)
+    return list(unique)
+
+
+def _plain_forward(model: nn.Module, example: torch.Tensor) -> None:
+    """A forward pass with torch's own ops (the model may be patched: undo it meanwhile)."""
+    patched = [(m, type(m)) for m in model.modules() if type(m) in (Conv2d, Linear)]
+    for m, cls in patched:
+        m.__class__ = nn.Conv2d if cls is Conv2d else nn.Linear
+    try:
+        model(example)
+    finally:
+        for m, cls in patched:
+            m.__class__ = cls

@@ -1,0 +1,36 @@
+"""Plain-text tables for the terminal (no colour codes, so they paste into notes and logs)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if value < 1 else f"{value:.3f}"
+
+
+def ratio(torch_ms: float | None, ours_ms: float | None) -> str:
+    """torch time / our time: above 1 means ours is faster."""
+    if not torch_ms or not ours_ms:
+        return "-"
+    return f"{torch_ms / ours_ms:.2f}x"
+
+
+def knobs_text(knobs: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) or "-"
+
+
+def format_pairs(rows: Sequence[tuple[str, object]]) -> str:
+    """A two-column key/value block."""
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -1,0 +1,215 @@
+"""Evaluate candidates in a separate process, so a bad one cannot take the search down with it.
+
+On a GPU a candidate can do worse than raise: an illegal memory access poisons the CUDA context
+for the rest of the process, and a kernel can hang. `IsolatedEvaluator` runs
+`autotune.measure.evaluate` in a long-lived worker process (started with 'spawn', so it gets a
+fresh CUDA context) and waits at most `timeout_s` per candidate. If the worker dies the candidate
+is CRASHED; if it does not answer in time it is killed and the candidate is TIMEOUT. Either way
+the next candidate gets a fresh worker.
+
+Only plain data crosses the pipe, as JSON: the problem (problem_to_dict), the kernel's
+(op, algorithm) name and the knobs go in; the Outcome comes back as a dict. The worker finds the
+kernel itself: in the `kernel_modules` it was given (modules with a `KERNELS` list, how tests
+bring kernels of their own without registering anything), then in the registry.
+
+    evaluate = IsolatedEvaluator(device="cuda", timeout_s=60)
+    try:
+        outcome = evaluate(problem, spec, knobs)    # same signature as the in-process evaluator
+    finally:
+        evaluate.close()
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import multiprocessing
+import time
+from collections.abc import Sequence
+
+from autotune.measure import Measurement, Outcome, Status
+from autotune.problem import Problem, problem_from_dict, problem_to_dict
+
+# Importing torch, triton and the kernels and creating a CUDA context takes seconds; that is not
+# the candidate's time, so the worker reports when it is ready and this bounds the wait for it.
+DEFAULT_START_TIMEOUT_S = 120.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-data conversions
+
+
+def outcome_to_dict(outcome: Outcome) -> dict:
+    return {
+        "status": outcome.status.value,
+        "measurement": outcome.measurement.as_dict() if outcome.measurement else None,
+        "error": outcome.error,
+        "message": outcome.message,
+    }
+
+
+def outcome_from_dict(data: dict) -> Outcome:
+    m = data.get("measurement")
+    measurement = (
+        Measurement(median=m["median_ms"], p20=m["p20_ms"], p80=m["p80_ms"], n=m["n"]) if m else None
+    )
+    return Outcome(status=Status(data["status"]), measurement=measurement,
+                   error=data.get("error"), message=data.get("message", ""))
+
+
+def _spec_name(spec) -> tuple[str, str]:
+    """A KernelSpec or an (op, algorithm) pair, as the pair."""
+    if isinstance(spec, tuple):
+        return spec
+    return spec.op, spec.algorithm
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker process
+
+
+def _find_spec(op: str, algorithm: str, device: str, kernel_modules: Sequence[str]):
+    for name in kernel_modules:
+        for spec in importlib.import_module(name).KERNELS:
+            if spec.op == op and spec.algorithm == algorithm:
+                return spec
+    import kernels
+
+    return kernels.get(op, algorithm, device)
+
+
+def _evaluate_request(request: dict, device: str, kernel_modules: Sequence[str], options: dict) -> dict:
+    from autotune.measure import evaluate
+
+    try:
+        problem = problem_from_dict(request["problem"])
+        spec = _find_spec(request["op"], request["algorithm"], device, kernel_modules)
+        outcome = evaluate(problem, spec, request["knobs"], device=device, **options)
+    except Exception as exc:  # noqa: BLE001 - a failure outside the kernel run is still a result
+        outcome = Outcome(status=Status.CRASHED, message=f"{type(exc).__name__}: {exc}"[:500])
+    return outcome_to_dict(outcome)
+
+
+def _serve(conn, device: str, kernel_modules: list[str], options: dict) -> None:
+    """Worker main loop: one JSON request in, one JSON outcome out, until told to stop."""
+    import torch  # noqa: F401 - import (and on a GPU, create the context) before saying ready
+
+    import kernels  # noqa: F401
+
+    if device == "cuda":
+        torch.cuda.init()
+    conn.send_bytes(b'"ready"')
+    while True:
+        try:
+            request = json.loads(conn.recv_bytes())
+        except EOFError:
+            return
+        if request is None:
+            return
+        conn.send_bytes(json.dumps(_evaluate_request(request, device, kernel_modules, options)).encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent side
+
+
+class IsolatedEvaluator:
+    """`evaluate(problem, spec, knobs) -> Outcome`, run in a worker process with a timeout.
+
+    seed and rep_ms are passed on to autotune.measure.evaluate. Call close() (or use `with`) to
+    stop the worker.
+    """
+
+    def __init__(self, *, device: str, timeout_s: float = 60.0,
+                 start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+                 kernel_modules: Sequence[str] = (), seed: int = 0, rep_ms: float | None = None):
+        self.device = device
+        self.timeout_s = timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.kernel_modules = list(kernel_modules)
+        self.options = {"seed": seed, **({"rep_ms": rep_ms} if rep_ms is not None else {})}
+        self._context = multiprocessing.get_context("spawn")
+        self._process = None
+        self._conn = None
+
+    def __call__(self, problem: Problem, spec, knobs) -> Outcome:
+        op, algorithm = _spec_name(spec)
+        request = {"problem": problem_to_dict(problem), "op": op, "algorithm": algorithm,
+                   "knobs": dict(knobs)}
+        self._ensure_started()
+        try:
+            self._conn.send_bytes(json.dumps(request).encode())
+        except (BrokenPipeError, OSError):
+            return self._lost(Status.CRASHED, "the worker was gone before the candidate was sent")
+        started = time.monotonic()
+        if not self._conn.poll(self.timeout_s):
+            return self._lost(Status.TIMEOUT, f"no answer within {self.timeout_s:g} s; worker killed")
+        try:
+            reply = json.loads(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            self._process.join(timeout=5)
+            code = self._process.exitcode
+            elapsed = time.monotonic() - started
+            return self._lost(Status.CRASHED, f"the worker died (exit code {code}) after {elapsed:.1f} s")
+        return outcome_from_dict(reply)
+
+    def close(self) -> None:
+        """Ask the worker to stop; kill it if it does not."""
+        if self._process is None:
+            return
+        try:
+            self._conn.send_bytes(b"null")
+        except (BrokenPipeError, OSError):
+            pass
+        self._process.join(timeout=5)
+        self._stop()
+
+    def __enter__(self) -> IsolatedEvaluator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A forgotten close() must not leave a worker behind (it would hold the GPU).
+        if self._process is not None:
+            self._stop()
+
+    # -- worker lifetime
+
+    def _ensure_started(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            return
+        self._stop()
+        parent, child = self._context.Pipe(duplex=True)
+        self._process = self._context.Process(
+            target=_serve, args=(child, self.device, self.kernel_modules, self.options),
+            name="autotune-worker", daemon=True,
+        )
+        self._process.start()
+        child.close()  # so that a dead worker shows up as EOF on our end
+        self._conn = parent
+        if not parent.poll(self.start_timeout_s):
+            self._stop()
+            raise RuntimeError(f"the evaluation worker did not start within {self.start_timeout_s:g} s")
+        try:
+            parent.recv_bytes()
+        except EOFError:
+            code = self._process.exitcode
+            self._stop()
+            raise RuntimeError(f"the evaluation worker failed to start (exit code {code})") from None
+
+    def _lost(self, status: Status, message: str) -> Outcome:
+        """The worker cannot be trusted any more: kill it; the next call starts a fresh one."""
+        self._stop()
+        return Outcome(status=status, message=message)
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            if self._process.is_alive():
+                self._process.kill()
+            self._process.join(timeout=5)
+        if self._conn is not None:
+            self._conn.close()
+        self._process = None
+        self._conn = None

@@ -1,0 +1,109 @@
+"""The search logic with a fake timer (deterministic), and one real study on real kernels."""
+
+import pytest
+
+from autotune.errors import UnknownNameError
+from autotune.measure import Measurement, Outcome, Status
+from autotune.problem import Conv2dProblem, GemmProblem
+from autotune.space import Param, Space
+from autotune.tuner import tune
+from kernels import KernelSpec
+
+PROBLEM = GemmProblem(m=8, n=8, k=8)
+
+
+def _spec(algorithm, space, defaults):
+    return KernelSpec(op="gemm", algorithm=algorithm, backend="numpy", run=lambda *a: None,
+                      defaults=defaults, space=space)
+
+
+TILED = _spec("tiled", Space(params=(Param(name="BLOCK", values=(8, 16, 32, 64)),
+                                     Param(name="order", values=("ab", "ba")))), {"BLOCK": 16, "order": "ab"})
+PLAIN = _spec("plain", Space(), {})
+
+
+class FakeTimer:
+    """Times from a formula; BLOCK=64 is 'invalid', order 'ba' with BLOCK 8 is a wrong answer."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, problem, spec, knobs):
+        knobs = spec.full_knobs(problem, knobs)
+        self.calls.append((spec.algorithm, tuple(sorted(knobs.items()))))
+        if spec.algorithm == "plain":
+            return _ok(5.0)
+        if knobs["BLOCK"] == 64:
+            return Outcome(status=Status.INVALID, message="too big")
+        if knobs["BLOCK"] == 8 and knobs["order"] == "ba":
+            return Outcome(status=Status.WRONG_ANSWER, error=1.0)
+        return _ok(abs(knobs["BLOCK"] - 32) / 8 + (0.5 if knobs["order"] == "ab" else 0.1) + 1)
+
+
+def _ok(t):
+    return Outcome(status=Status.OK, measurement=Measurement(median=t, p20=t, p80=t, n=1))
+
+
+def test_grid_is_exhaustive_and_finds_the_best():
+    timer = FakeTimer()
+    result = tune(PROBLEM, specs=[TILED, PLAIN], evaluate=timer, sampler="grid", trials=100, confirm_top=0)
+    assert len(timer.calls) == len(set(timer.calls)) == 9  # 8 tiled configs + plain, each once
+    assert result.best.config.as_dict() == {"BLOCK": 32, "order": "ba"}
+    assert result.best.measurement.median == pytest.approx(1.1)
+    assert result.counts() == {"ok": 6, "invalid": 2, "wrong_answer": 1}
+    assert result.vendor is None and result.best_own == result.best
+
+
+def test_defaults_first_and_failures_are_results():
+    timer = FakeTimer()
+    result = tune(PROBLEM, specs=[TILED, PLAIN], evaluate=timer, sampler="tpe", trials=6, seed=1, confirm_top=0)
+    assert timer.calls[0] == ("tiled", (("BLOCK", 16), ("order", "ab")))
+    assert timer.calls[1] == ("plain", ())
+    assert len(set(timer.calls)) == 6
+    statuses = {t.status for t in result.trials}
+    assert Status.OK in statuses
+    assert all(t.median_ms is None for t in result.trials if t.status is not Status.OK)
+
+
+@pytest.mark.parametrize("sampler", ["random", "cmaes"])
+def test_other_samplers_respect_the_budget(sampler):
+    timer = FakeTimer()
+    result = tune(PROBLEM, specs=[TILED, PLAIN], evaluate=timer, sampler=sampler, trials=5, seed=3, confirm_top=0)
+    assert len(set(timer.calls)) == 5 and result.best is not None
+
+
+def test_resume_from_storage(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    first, second = FakeTimer(), FakeTimer()
+    tune(PROBLEM, specs=[TILED, PLAIN], evaluate=first, trials=4, storage=storage, study_name="s", confirm_top=0)
+    result = tune(PROBLEM, specs=[TILED, PLAIN], evaluate=second, trials=7, storage=storage, study_name="s",
+                  confirm_top=0)
+    assert len(first.calls) == 4 and len(second.calls) == 3  # resumed: only the 3 new configs ran
+    assert not set(first.calls) & set(second.calls)
+    assert len({(t.config.key()) for t in result.trials}) == 7
+    fresh = FakeTimer()
+    tune(PROBLEM, specs=[TILED, PLAIN], evaluate=fresh, trials=2, storage=storage, study_name="s",
+         fresh=True, confirm_top=0)
+    assert len(fresh.calls) == 2
+
+
+def test_confirmation_retimes_finalists():
+    timer = FakeTimer()
+    tune(PROBLEM, specs=[TILED, PLAIN], evaluate=timer, sampler="grid", trials=100, confirm_top=2)
+    assert len(timer.calls) == 9 + 2  # the two best own configs timed again
+
+
+def test_unknown_sampler():
+    with pytest.raises(UnknownNameError, match="sampler"):
+        tune(PROBLEM, specs=[PLAIN], evaluate=FakeTimer(), sampler="annealing")
+
+
+def test_real_study_on_real_kernels():
+    """A real Optuna search over the registered CPU kernels of a small conv: every measured
+    candidate was verified, the winner is OK, and torch's op was measured in the same run."""
+    problem = Conv2dProblem(n=2, c=3, h=10, w=10, k=4, r=3, s=3, padding=1)
+    result = tune(problem, device="cpu", trials=6, seed=0)
+    assert result.best is not None and result.vendor is not None
+    assert result.best.measurement.median > 0
+    assert result.counts().get("ok", 0) >= 2
+    assert all(t.median_ms is None or t.median_ms > 0 for t in result.trials)
