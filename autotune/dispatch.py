@@ -26,6 +26,7 @@ from autotune.problem import Problem
 
 POLICIES = ("cached", "benchmark", "tune")
 TUNE_TRIALS = 12  # the "tune" policy's budget per shape: a short search, it runs inside training
+BENCHMARK_REP_MS = 10.0  # per-algorithm timing budget of the "benchmark" policy (once per shape)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,7 +160,7 @@ def _benchmark(problem, device, specs, inputs, cache: Cache, entry) -> Choice:
         if not ok:
             continue
         m = measure.bench(lambda s=spec, k=knobs: s.run(problem, k, inputs, out), device=device,
-                          rep_ms=20.0)
+                          rep_ms=BENCHMARK_REP_MS)
         results.append((m.median, spec, knobs, m))
     if not results:
         return _default(problem, device, {s.algorithm: s for s in specs})

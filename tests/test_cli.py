@@ -1,0 +1,118 @@
+"""The command line through its public entry point: real searches, real files, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from autotune.cli import main
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return tmp_path / "results"
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_search_then_answer_from_cache(capsys, cache_dir):
+    argv = ["search", "conv2d", "--shape", "2x3x12x12", "--filters", "4x3x3", "--padding", "1",
+            "--trials", "4", "--cache-dir", str(cache_dir)]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    for label in ("best", "torch (vendor)", "torch / best", "trials", "cached in"):
+        assert label in out
+    assert (cache_dir / "autotune_cache.json").exists() and (cache_dir / "studies.db").exists()
+    code, out, _ = run(capsys, *argv, "--json")
+    data = json.loads(out)
+    assert code == 0 and data["from_cache"] is True and data["median_ms"] > 0
+    assert data["problem"]["padding"] == 1 and sum(data["trials"].values()) >= 4
+
+
+def test_search_gemm_json_and_show(capsys, cache_dir):
+    code, out, _ = run(capsys, "search", "gemm", "--shape", "24x16x8", "--trans-a", "--trials", "3",
+                       "--sampler", "random", "--json", "--cache-dir", str(cache_dir))
+    data = json.loads(out)
+    assert code == 0 and data["from_cache"] is False and data["algorithm"]
+    code, out, _ = run(capsys, "show", "--cache-dir", str(cache_dir))
+    assert code == 0 and "gemm Aᵀ·B 24x16x8 float32" in out
+    code, out, _ = run(capsys, "show", "--op", "conv2d", "--cache-dir", str(cache_dir))
+    assert "no cached results" in out
+    code, out, _ = run(capsys, "show", "--json", "--cache-dir", str(cache_dir))
+    assert len(json.loads(out)["entries"]) == 1
+
+
+def test_info_lists_fingerprint_and_kernels(capsys, cache_dir):
+    code, out, _ = run(capsys, "info", "--json", "--cache-dir", str(cache_dir))
+    info = json.loads(out)
+    assert code == 0 and info["fingerprint"]["kind"] == "cpu" and "torch" in info["versions"]
+    algorithms = {(k["op"], k["algorithm"]) for k in info["kernels"]}
+    assert ("conv2d", "vendor") in algorithms and ("gemm", "vendor") in algorithms
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["search", "conv2d", "--shape", "3x32"], "dimension"),
+    (["search", "conv2d", "--shape", "3x0x32"], "positive"),
+    (["search", "conv2d", "--shape", "3x-2x32"], "positive"),
+    (["search", "conv2d", "--shape", "3xfoox32"], "not an integer"),
+    (["search", "conv2d", "--shape", "1x4x4", "--filters", "2x7x7"], "larger than the padded input"),
+    (["search", "conv2d", "--shape", "3x32x32", "--filters", "6x4x5x5"], "input channels"),
+    (["search", "conv2d", "--shape", "3x32x32", "--padding", "-1"], "padding"),
+    (["search", "conv2d", "--shape", "3x32x32", "--stride", "0"], "stride"),
+    (["search", "conv3d", "--shape", "3x32x32"], "unknown op"),
+    (["search", "conv2d"], "--shape"),
+    (["search", "conv2d", "--shape", "3x32x32", "--sampler", "annealing"], "invalid choice"),
+    (["search", "conv2d", "--shape", "3x32x32", "--algorithms", "winograd"], "unknown algorithm"),
+    (["search", "conv2d", "--shape", "3x32x32", "--trials", "0"], "--trials"),
+    (["search", "gemm", "--shape", "8x8x8", "--dtype", "int8"], "invalid choice"),
+    (["search", "gemm", "--shape", "8x8"], "dimension"),
+    (["search", "conv2d", "--shape", "3x32x32", "--device", "tpu"], "invalid choice"),
+    (["bench", "--suite", "lenet", "--batches", "1,x"], "--batches"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(capsys, cache_dir, argv, message):
+    with pytest.raises(SystemExit) as exc_info:
+        code = main([*argv, "--cache-dir", str(cache_dir)] if argv[0] != "frobnicate" else argv)
+        raise SystemExit(code)
+    assert exc_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and message in err
+    assert "Traceback" not in err
+    assert not cache_dir.exists()
+
+
+def test_unreadable_search_space_file(capsys, cache_dir, tmp_path, monkeypatch):
+    import kernels
+
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    (spaces / "numpy_conv.toml").write_text("[conv2d.im2col_gemm\n")
+    monkeypatch.setenv("AUTOTUNE_SEARCH_SPACES", str(spaces))
+    kernels._load_module.cache_clear()
+    try:
+        code, out, err = run(capsys, "search", "conv2d", "--shape", "3x32x32", "--cache-dir", str(cache_dir))
+    finally:
+        kernels._load_module.cache_clear()
+    assert code == 2 and "not valid TOML" in err and len(err.strip().splitlines()) == 1
+    assert not cache_dir.exists()
+
+
+def test_corrupt_cache_warns_and_retunes(capsys, cache_dir):
+    cache_dir.mkdir()
+    (cache_dir / "autotune_cache.json").write_text("{ truncated")
+    code, out, err = run(capsys, "search", "gemm", "--shape", "8x8x8", "--trials", "2", "--cache-dir", str(cache_dir))
+    assert code == 0 and "corrupt" in err and "Traceback" not in err
+    assert json.loads((cache_dir / "autotune_cache.json").read_text())["entries"]
+
+
+def test_console_script_help():
+    """The installed entry point and `python -m autotune` both answer --help."""
+    result = subprocess.run([sys.executable, "-m", "autotune", "search", "--help"], capture_output=True,
+                            text=True, env={**os.environ}, timeout=120)
+    assert result.returncode == 0 and "--trials" in result.stdout and "--sampler" in result.stdout
