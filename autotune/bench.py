@@ -124,9 +124,12 @@ def _ensure_tuned(args, cache: Cache, problem: Problem, specs) -> dict:
 def _measure_row(problem: Problem, specs, record: dict, device: str, rounds: int) -> dict:
     by_name = {s.algorithm: s for s in specs}
     own = record.get("best_own") or (record if record["algorithm"] != "vendor" else None)
-    wanted = {"torch": ("vendor", {}), "chosen": (record["algorithm"], record["knobs"])}
+    def full(algorithm: str, knobs: dict) -> tuple[str, dict]:
+        return algorithm, by_name[algorithm].full_knobs(problem, knobs)
+
+    wanted = {"torch": full("vendor", {}), "chosen": full(record["algorithm"], record["knobs"])}
     if own is not None and own["algorithm"] in by_name:
-        wanted["own"] = (own["algorithm"], own["knobs"])
+        wanted["own"] = full(own["algorithm"], own["knobs"])
     # The chosen config is usually torch's or our best one: time each distinct config once, so
     # a config is never compared with itself (which would only measure noise).
     alias = {}
@@ -142,8 +145,7 @@ def _measure_row(problem: Problem, specs, record: dict, device: str, rounds: int
     samples: dict[str, list[measure.Measurement]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, (spec, knobs) in contenders.items():
-            full = spec.full_knobs(problem, knobs)
-            samples[name].append(measure.bench(lambda s=spec, k=full: s.run(problem, k, inputs, out),
+            samples[name].append(measure.bench(lambda s=spec, k=knobs: s.run(problem, k, inputs, out),
                                                device=device, rep_ms=15.0))
     med = {name: statistics.median(m.median for m in ms_) for name, ms_ in samples.items()}
     noise = {name: statistics.median(m.spread() for m in ms_) for name, ms_ in samples.items()}

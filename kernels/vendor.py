@@ -17,22 +17,28 @@ def _geometry(problem):
     return dict(stride=problem.stride, padding=problem.padding, dilation=problem.dilation)
 
 
-def _tf32(knobs):
-    """Set TF32 for this call only where the config asks (it matters on Ampere+ GPUs)."""
+def _tf32(knobs, tensor):
+    """Set TF32 as the config says (default off: IEEE float32, as our float32 kernels compute).
+
+    cuDNN allows TF32 by default, which would fail a float32 tolerance; the flags matter on
+    Ampere+ GPUs only and cost microseconds to set, so the CPU path leaves them alone.
+    """
+    if not tensor.is_cuda:
+        return
     allow = bool(knobs.get("allow_tf32", False))
     torch.backends.cuda.matmul.allow_tf32 = allow
     torch.backends.cudnn.allow_tf32 = allow
 
 
 def conv2d(problem, knobs, inputs, out):
-    _tf32(knobs)
     x, w = inputs
+    _tf32(knobs, x)
     return F.conv2d(x, w, **_geometry(problem))
 
 
 def conv2d_bwd_data(problem, knobs, inputs, out):
-    _tf32(knobs)
     dy, w = inputs
+    _tf32(knobs, dy)
     return torch.ops.aten.convolution_backward(
         dy, dy.new_empty(problem.x_shape), w, None,
         (problem.stride,) * 2, (problem.padding,) * 2, (problem.dilation,) * 2,
@@ -41,8 +47,8 @@ def conv2d_bwd_data(problem, knobs, inputs, out):
 
 
 def conv2d_bwd_weight(problem, knobs, inputs, out):
-    _tf32(knobs)
     x, dy = inputs
+    _tf32(knobs, x)
     return torch.ops.aten.convolution_backward(
         dy, x, x.new_empty(problem.w_shape), None,
         (problem.stride,) * 2, (problem.padding,) * 2, (problem.dilation,) * 2,
@@ -51,14 +57,15 @@ def conv2d_bwd_weight(problem, knobs, inputs, out):
 
 
 def gemm(problem, knobs, inputs, out):
-    _tf32(knobs)
     a, b = inputs
+    _tf32(knobs, a)
     return torch.matmul(a.T if problem.trans_a else a, b.T if problem.trans_b else b, out=out)
 
 
+DEFAULTS = {"allow_tf32": False}
+
 KERNELS = [
-    KernelSpec(op="conv2d", algorithm="vendor", backend="torch", run=conv2d),
-    KernelSpec(op="conv2d_bwd_data", algorithm="vendor", backend="torch", run=conv2d_bwd_data),
-    KernelSpec(op="conv2d_bwd_weight", algorithm="vendor", backend="torch", run=conv2d_bwd_weight),
-    KernelSpec(op="gemm", algorithm="vendor", backend="torch", run=gemm),
+    KernelSpec(op=op, algorithm="vendor", backend="torch", run=run, defaults=DEFAULTS)
+    for op, run in (("conv2d", conv2d), ("conv2d_bwd_data", conv2d_bwd_data),
+                    ("conv2d_bwd_weight", conv2d_bwd_weight), ("gemm", gemm))
 ]
