@@ -10,6 +10,7 @@ millisecond budget and reports the median and the 20th/80th percentiles. GPU tim
 from __future__ import annotations
 
 import enum
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -47,6 +48,10 @@ class Measurement:
     def as_dict(self) -> dict:
         return {"median_ms": self.median, "p20_ms": self.p20, "p80_ms": self.p80, "n": self.n}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Measurement:
+        return cls(median=data["median_ms"], p20=data["p20_ms"], p80=data["p80_ms"], n=data["n"])
+
 
 @dataclass(frozen=True, kw_only=True)
 class Outcome:
@@ -56,6 +61,18 @@ class Outcome:
     measurement: Measurement | None = None
     error: float | None = None  # max relative error against the reference
     message: str = ""
+
+    def as_dict(self) -> dict:
+        """Plain data (for a worker's pipe or a study's user attrs)."""
+        return {"status": self.status.value,
+                "measurement": self.measurement.as_dict() if self.measurement else None,
+                "error": self.error, "message": self.message}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Outcome:
+        m = data.get("measurement")
+        return cls(status=Status(data["status"]), measurement=Measurement.from_dict(m) if m else None,
+                   error=data.get("error"), message=data.get("message", ""))
 
 
 # Relative tolerance (max |out - ref| / max |ref|) per dtype. The bound grows like the square root
@@ -133,6 +150,14 @@ def classify_exception(exc: BaseException) -> Status:
     return Status.CRASHED
 
 
+@functools.lru_cache(maxsize=2)
+def _inputs_and_reference(problem: Problem, device: str, seed: int):
+    """Random inputs and their float64 answer, computed once per search rather than per
+    candidate (the reference of a 4096³ GEMM takes seconds on the CPU)."""
+    inputs = make_inputs(problem, device=device, seed=seed)
+    return inputs, reference(problem, inputs)
+
+
 def precision_of(problem: Problem, knobs) -> str:
     """The arithmetic a config asks for: TF32 knobs loosen a float32 tolerance to TF32's."""
     if problem.dtype == "float32" and (knobs.get("input_precision") == "tf32" or knobs.get("allow_tf32")):
@@ -147,7 +172,8 @@ def evaluate(problem: Problem, spec, knobs, *, device: str, seed: int = 0,
     reason = spec.check(problem, knobs)
     if reason is not None:
         return Outcome(status=Status.INVALID, message=reason)
-    inputs = make_inputs(problem, device=device, seed=seed)
+    pristine, ref = _inputs_and_reference(problem, device, seed)
+    inputs = tuple(t.clone() for t in pristine)  # a kernel that writes its inputs spoils only its own copy
     out = empty_output(problem, device=device)
     out.fill_(float("nan"))
     try:
@@ -156,7 +182,7 @@ def evaluate(problem: Problem, spec, knobs, *, device: str, seed: int = 0,
             torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001 - any kernel failure is a trial result
         return Outcome(status=classify_exception(exc), message=f"{type(exc).__name__}: {exc}"[:500])
-    ok, error = verify(problem, result, reference(problem, inputs), dtype=precision_of(problem, knobs))
+    ok, error = verify(problem, result, ref, dtype=precision_of(problem, knobs))
     if not ok:
         return Outcome(status=Status.WRONG_ANSWER, error=error,
                        message=f"max relative error {error:.2e} above tolerance")

@@ -5,7 +5,8 @@ knobs. Each algorithm's default config is enqueued first, so the search starts f
 points. Knobs whose values are all ascending numbers (tile sizes) are suggested as an index so
 samplers see their order; other knobs are categorical. A failed candidate is a trial result (a
 pruned trial with its status in user attrs), never an exception. `--trials N` counts distinct
-configs measured: a config the sampler proposes twice is answered from memory.
+configs measured: a config the sampler proposes twice is answered from memory, and a config the
+kernel's constraints reject costs nothing and does not count.
 """
 
 from __future__ import annotations
@@ -159,10 +160,11 @@ def tune(
         for spec in specs:
             study.enqueue_trial(_encode(spec.algorithm, spec.default_config(problem).as_dict(), spec))
 
-    budget = min(trials, _space_size(specs))
+    space_size = _space_size(specs)
+    budget = min(trials, space_size)
     # progress: True for a bar of our own, or a tqdm bar to share (one bar over many problems).
     own_bar = progress is True
-    bar = _progress_bar(problem, budget, len(seen)) if own_bar else (progress or None)
+    bar = _progress_bar(problem, budget, _measured(seen)) if own_bar else (progress or None)
 
     def objective(trial: optuna.Trial) -> float:
         algorithm = trial.suggest_categorical("algorithm", list(by_name))
@@ -174,7 +176,7 @@ def tune(
         if outcome is None:
             outcome = evaluate(problem, spec, knobs)
             seen[config.key()] = outcome
-            if bar is not None:
+            if bar is not None and outcome.status is not Status.INVALID:
                 bar.update(1)
         _record(trial, outcome)
         if bar is not None:
@@ -184,10 +186,10 @@ def tune(
         return outcome.measurement.median
 
     def stop_when_spent(study: optuna.Study, _trial) -> None:
-        if len(seen) >= budget:
+        if _measured(seen) >= budget or len(seen) >= space_size:
             study.stop()
 
-    if len(seen) < budget:
+    if _measured(seen) < budget and len(seen) < space_size:
         try:
             # Repeated proposals are free, so allow more Optuna trials than measurements.
             study.optimize(objective, n_trials=4 * budget + len(specs), timeout=timeout,
@@ -196,6 +198,11 @@ def tune(
             if own_bar:
                 bar.close()
     return _result(problem, study, by_name, evaluate, confirm_top, device)
+
+
+def _measured(seen: dict[str, Outcome]) -> int:
+    """Configs that cost a run: an invalid config is rejected before it runs, so it is free."""
+    return sum(1 for o in seen.values() if o.status is not Status.INVALID)
 
 
 def _record(trial: optuna.Trial, outcome: Outcome) -> None:
@@ -219,10 +226,7 @@ def _outcomes_from(study: optuna.Study) -> dict[str, Outcome]:
         ):
             continue
         m = t.user_attrs.get("measurement")
-        measurement = (
-            Measurement(median=m["median_ms"], p20=m["p20_ms"], p80=m["p80_ms"], n=m["n"]) if m else None
-        )
-        seen[key] = Outcome(status=Status(status), measurement=measurement,
+        seen[key] = Outcome(status=Status(status), measurement=Measurement.from_dict(m) if m else None,
                             message=t.user_attrs.get("message", ""))
     return seen
 

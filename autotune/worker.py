@@ -27,34 +27,12 @@ import multiprocessing
 import time
 from collections.abc import Sequence
 
-from autotune.measure import Measurement, Outcome, Status
+from autotune.measure import Outcome, Status
 from autotune.problem import Problem, problem_from_dict, problem_to_dict
 
 # Importing torch, triton and the kernels and creating a CUDA context takes seconds; that is not
 # the candidate's time, so the worker reports when it is ready and this bounds the wait for it.
 DEFAULT_START_TIMEOUT_S = 120.0
-
-
-# ---------------------------------------------------------------------------------------------
-# Plain-data conversions
-
-
-def outcome_to_dict(outcome: Outcome) -> dict:
-    return {
-        "status": outcome.status.value,
-        "measurement": outcome.measurement.as_dict() if outcome.measurement else None,
-        "error": outcome.error,
-        "message": outcome.message,
-    }
-
-
-def outcome_from_dict(data: dict) -> Outcome:
-    m = data.get("measurement")
-    measurement = (
-        Measurement(median=m["median_ms"], p20=m["p20_ms"], p80=m["p80_ms"], n=m["n"]) if m else None
-    )
-    return Outcome(status=Status(data["status"]), measurement=measurement,
-                   error=data.get("error"), message=data.get("message", ""))
 
 
 def _spec_name(spec) -> tuple[str, str]:
@@ -87,7 +65,7 @@ def _evaluate_request(request: dict, device: str, kernel_modules: Sequence[str],
         outcome = evaluate(problem, spec, request["knobs"], device=device, **options)
     except Exception as exc:  # noqa: BLE001 - a failure outside the kernel run is still a result
         outcome = Outcome(status=Status.CRASHED, message=f"{type(exc).__name__}: {exc}"[:500])
-    return outcome_to_dict(outcome)
+    return Outcome.as_dict(outcome)
 
 
 def _serve(conn, device: str, kernel_modules: list[str], options: dict) -> None:
@@ -106,7 +84,24 @@ def _serve(conn, device: str, kernel_modules: list[str], options: dict) -> None:
             return
         if request is None:
             return
-        conn.send_bytes(json.dumps(_evaluate_request(request, device, kernel_modules, options)).encode())
+        reply = _evaluate_request(request, device, kernel_modules, options)
+        # A CUDA error such as an illegal address is sticky: every later candidate in this
+        # process would fail too. Say so, and exit; the parent starts a fresh worker.
+        healthy = device != "cuda" or reply["status"] != Status.CRASHED.value or _cuda_healthy()
+        reply["worker_exiting"] = not healthy
+        conn.send_bytes(json.dumps(reply).encode())
+        if not healthy:
+            return
+
+
+def _cuda_healthy() -> bool:
+    import torch
+
+    try:
+        torch.cuda.synchronize()
+        return torch.ones(1, device="cuda").add_(1).item() == 2.0
+    except Exception:  # noqa: BLE001 - any failure here means the context is gone
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +146,9 @@ class IsolatedEvaluator:
             code = self._process.exitcode
             elapsed = time.monotonic() - started
             return self._lost(Status.CRASHED, f"the worker died (exit code {code}) after {elapsed:.1f} s")
-        return outcome_from_dict(reply)
+        if reply.get("worker_exiting"):
+            self._stop()
+        return Outcome.from_dict(reply)
 
     def close(self) -> None:
         """Ask the worker to stop; kill it if it does not."""
@@ -172,7 +169,7 @@ class IsolatedEvaluator:
 
     def __del__(self) -> None:
         # A forgotten close() must not leave a worker behind (it would hold the GPU).
-        if self._process is not None:
+        if getattr(self, "_process", None) is not None:
             self._stop()
 
     # -- worker lifetime

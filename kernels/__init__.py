@@ -51,7 +51,8 @@ class KernelSpec:
 
     supports(problem) and check(problem, knobs) return None when fine, else the reason in words
     (an unsupported problem skips the algorithm; a failed check makes the trial `invalid`).
-    defaults is the knob setting tried first, or a function of the problem that returns it.
+    defaults is the knob setting tried first, or a function of the problem that returns it
+    (called with None to learn the knob names, which must cover the search space).
     """
 
     op: str
@@ -91,8 +92,8 @@ def _load_module(name: str) -> tuple[KernelSpec, ...]:
     for spec in module.KERNELS:
         space = spaces.pop((spec.op, spec.algorithm), Space())
         knob_names = set(spec.defaults(None) if callable(spec.defaults) else spec.defaults)
-        unknown = [p.name for p in space if p.name not in knob_names and knob_names]
-        if unknown and not callable(spec.defaults):
+        unknown = [p.name for p in space if p.name not in knob_names]
+        if unknown:
             raise SearchSpaceError(
                 f"{path}: [{spec.op}.{spec.algorithm}] has unknown knob(s) {unknown}; "
                 f"known knobs: {sorted(knob_names)}"

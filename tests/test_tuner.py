@@ -28,6 +28,11 @@ class FakeTimer:
     def __init__(self):
         self.calls = []
 
+    @property
+    def measured(self):
+        """Calls that ran a kernel (invalid configs are rejected first and cost nothing)."""
+        return [c for c in self.calls if ("BLOCK", 64) not in c[1]]
+
     def __call__(self, problem, spec, knobs):
         knobs = spec.full_knobs(problem, knobs)
         self.calls.append((spec.algorithm, tuple(sorted(knobs.items()))))
@@ -59,7 +64,7 @@ def test_defaults_first_and_failures_are_results():
     result = tune(PROBLEM, specs=[TILED, PLAIN], evaluate=timer, sampler="tpe", trials=6, seed=1, confirm_top=0)
     assert timer.calls[0] == ("tiled", (("BLOCK", 16), ("order", "ab")))
     assert timer.calls[1] == ("plain", ())
-    assert len(set(timer.calls)) == 6
+    assert len(timer.measured) == len(set(timer.measured)) == 6
     statuses = {t.status for t in result.trials}
     assert Status.OK in statuses
     assert all(t.median_ms is None for t in result.trials if t.status is not Status.OK)
@@ -69,7 +74,7 @@ def test_defaults_first_and_failures_are_results():
 def test_other_samplers_respect_the_budget(sampler):
     timer = FakeTimer()
     result = tune(PROBLEM, specs=[TILED, PLAIN], evaluate=timer, sampler=sampler, trials=5, seed=3, confirm_top=0)
-    assert len(set(timer.calls)) == 5 and result.best is not None
+    assert len(set(timer.measured)) == 5 and result.best is not None
 
 
 def test_resume_from_storage(tmp_path):
@@ -78,13 +83,21 @@ def test_resume_from_storage(tmp_path):
     tune(PROBLEM, specs=[TILED, PLAIN], evaluate=first, trials=4, storage=storage, study_name="s", confirm_top=0)
     result = tune(PROBLEM, specs=[TILED, PLAIN], evaluate=second, trials=7, storage=storage, study_name="s",
                   confirm_top=0)
-    assert len(first.calls) == 4 and len(second.calls) == 3  # resumed: only the 3 new configs ran
+    assert len(first.measured) == 4 and len(second.measured) == 3  # resumed: only 3 new configs ran
     assert not set(first.calls) & set(second.calls)
-    assert len({(t.config.key()) for t in result.trials}) == 7
+    measured = {t.config.key() for t in result.trials if t.status is not Status.INVALID}
+    assert len(measured) == 7
     fresh = FakeTimer()
     tune(PROBLEM, specs=[TILED, PLAIN], evaluate=fresh, trials=2, storage=storage, study_name="s",
          fresh=True, confirm_top=0)
-    assert len(fresh.calls) == 2
+    assert len(fresh.measured) == 2
+
+
+def test_invalid_configs_do_not_spend_the_budget():
+    timer = FakeTimer()
+    tune(PROBLEM, specs=[TILED], evaluate=timer, sampler="grid", trials=6, seed=0, confirm_top=0)
+    assert len(timer.calls) > 6  # this seed meets invalid configs before the budget is spent...
+    assert len(timer.measured) == 6  # ...and still measures the 6 it was asked for
 
 
 def test_confirmation_retimes_finalists():
