@@ -36,6 +36,13 @@ MODULES = {
     "triton_conv": "triton",
 }
 BACKENDS_BY_DEVICE = {"cpu": ("numpy", "torch"), "cuda": ("triton", "torch")}
+# The dtypes each backend computes in (a kernel's supports() may narrow this further): NumPy has
+# no bfloat16 and its float16 matmul is not BLAS; Triton's tl.dot has no float64 fast path.
+BACKEND_DTYPES = {
+    "numpy": ("float32", "float64"),
+    "triton": ("float32", "float16", "bfloat16"),
+    "torch": ("float32", "float64", "float16", "bfloat16"),
+}
 
 Knobs = Mapping[str, Value]
 RunFn = Callable[[Problem, Knobs, Sequence[Any], Any], Any]
@@ -128,7 +135,9 @@ def kernels_for(problem: Problem, device_kind: str) -> list[KernelSpec]:
     return [
         spec
         for spec in load(available_backends(device_kind))
-        if spec.op == problem.op and spec.supports(problem) is None
+        if spec.op == problem.op
+        and problem.dtype in BACKEND_DTYPES[spec.backend]
+        and spec.supports(problem) is None
     ]
 
 
