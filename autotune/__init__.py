@@ -11,7 +11,7 @@ Importing autotune does not import optuna: `autotune.tune` loads it on first use
 """
 
 from autotune.cache import Cache
-from autotune.dispatch import get_policy, policy, select, set_policy, stats
+from autotune.dispatch import chosen, get_policy, policy, reset, select, set_policy, stats
 from autotune.errors import AutotuneError
 from autotune.lenet import LeNet5, lenet_problems
 from autotune.nn import Conv2d, Linear, conv2d, linear, patch
@@ -27,6 +27,7 @@ __all__ = [
     "GemmProblem",
     "LeNet5",
     "Linear",
+    "chosen",
     "conv2d",
     "get_policy",
     "lenet_problems",
@@ -34,6 +35,7 @@ __all__ = [
     "parse_problem",
     "patch",
     "policy",
+    "reset",
     "select",
     "set_policy",
     "stats",

@@ -34,7 +34,8 @@ class LeNet5(nn.Module):
 
 
 def lenet_problems(batch: int = 64, dtype: torch.dtype = torch.float32) -> list[Problem]:
-    """The 13 problems of one LeNet training step at this batch size (fwd and bwd, all layers)."""
+    """The 14 problems of one LeNet training step at this batch size: forward, grad weight and
+    (except conv1, whose input is data) grad input of every layer."""
     from autotune.nn import layer_problems
 
     model = LeNet5().to(dtype)

@@ -1,0 +1,111 @@
+"""examples/train_lenet.py end to end on a few real Fashion-MNIST batches (Debian's
+dataset-fashion-mnist, installed here and in CI), called in-process through its main(argv)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+@pytest.fixture(scope="module")
+def train_lenet():
+    # examples/ is no package: load the script by path (it finds its helper modules itself).
+    spec = importlib.util.spec_from_file_location("train_lenet", EXAMPLES / "train_lenet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+needs_fashion = pytest.mark.skipif(not FASHION.exists(),
+                                   reason="apt-get install dataset-fashion-mnist")
+
+
+def _common(tmp_path: Path, data_dir: Path) -> list[str]:
+    return ["--dataset", "fashion-mnist", "--data-dir", str(data_dir), "--no-download",
+            "--cache-dir", str(tmp_path / "cache"), "--batch-size", "32", "--test-batch-size", "100",
+            "--no-progress", "--threads", "1"]
+
+
+@needs_fashion
+def test_tuned_training_logs_profiles_and_reuses_the_cache(train_lenet, data_dir, tmp_path, capsys):
+    tb, prof, summary = tmp_path / "tb", tmp_path / "profile", tmp_path / "summary.json"
+    argv = _common(tmp_path, data_dir) + [
+        "--tuned", "--epochs", "1", "--limit-batches", "12", "--tensorboard", str(tb),
+        "--profile", "--profile-dir", str(prof), "--summary-json", str(summary)]
+    assert train_lenet.main(argv) == 0
+    result = json.loads(summary.read_text())
+
+    assert result["dataset"] == "fashion-mnist" and result["tuned"]
+    losses = result["losses"]
+    assert len(losses) == 12
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses  # 2.30 -> 2.18 seen
+    assert result["epochs"][0]["test_samples"] == 12 * 100
+    assert result["selections"]["benchmark"] > 0
+    layers = {row["problem"].split()[0] for row in result["choices"]}
+    assert layers == {"conv2d", "conv2d_bwd_data", "conv2d_bwd_weight", "gemm"}
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    tags = events.Tags()
+    assert tags["graph"]
+    assert "LeNet5" in str(events.Graph())
+    assert {"train/loss", "train/accuracy", "epoch/test_accuracy", "epoch/train_loss"} <= set(tags["scalars"])
+    assert len(events.Scalars("train/loss")) == 12
+    assert any(t.startswith("kernel_ms/") for t in tags["scalars"])
+    assert any(t.startswith("kernels/choices") for t in tags["tensors"])
+
+    table = (prof / "profile.txt").read_text()
+    assert "top 10 operators by self CPU time" in table
+    assert "autotune::conv2d" in table and "autotune::gemm" in table
+    assert json.loads((prof / "trace.json").read_text())["traceEvents"]
+    assert "autotune::" in capsys.readouterr().out
+
+    # A second run finds every kernel choice in the cache: no benchmarking at all.
+    second = tmp_path / "second.json"
+    argv = _common(tmp_path, data_dir) + ["--tuned", "--epochs", "1", "--dry-run",
+                                          "--summary-json", str(second)]
+    assert train_lenet.main(argv) == 0
+    selections = json.loads(second.read_text())["selections"]
+    assert selections["benchmark"] == 0 and selections["cache"] > 0, selections
+    assert "benchmark 0" in capsys.readouterr().out
+
+
+@needs_fashion
+def test_compare_reports_a_ratio(train_lenet, data_dir, tmp_path):
+    summary = tmp_path / "summary.json"
+    argv = _common(tmp_path, data_dir) + ["--epochs", "0", "--compare", "--compare-steps", "8",
+                                          "--policy", "cached",
+                                          "--summary-json", str(summary)]
+    with pytest.warns(UserWarning, match="no tuned kernel cached"):
+        assert train_lenet.main(argv) == 0
+    compare = json.loads(summary.read_text())["compare"]
+    assert compare["ratio"] > 0 and compare["tuned_ms"] > 0 and compare["untuned_ms"] > 0
+
+
+def test_no_data_exits_2_with_one_line(train_lenet, tmp_path, capsys):
+    argv = ["--dataset", "mnist", "--data-dir", str(tmp_path / "empty"), "--no-download"]
+    assert train_lenet.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "apt-get install dataset-fashion-mnist" in err and "MNIST" in err
+
+
+@pytest.mark.parametrize("argv", [["--device", "tpu"], ["--compare-batch-sizes", "1,x"],
+                                  ["--epochs", "-1"], ["--limit-batches", "0"], ["--bogus"]])
+def test_bad_flags_exit_2_with_one_line(train_lenet, capsys, argv):
+    assert train_lenet.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("train_lenet.py: ")
