@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -66,7 +67,8 @@ class Outcome:
         """Plain data (for a worker's pipe or a study's user attrs)."""
         return {"status": self.status.value,
                 "measurement": self.measurement.as_dict() if self.measurement else None,
-                "error": self.error, "message": self.message}
+                "error": self.error if self.error is not None and math.isfinite(self.error) else None,
+                "message": self.message}
 
     @classmethod
     def from_dict(cls, data: dict) -> Outcome:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import kernels
 from autotune import device, measure
-from autotune.measure import Measurement, Outcome, Status
+from autotune.measure import Outcome, Status
 from autotune.problem import GemmProblem, problem_to_dict
 from autotune.space import Config
 from autotune.tuner import tune
@@ -85,23 +85,6 @@ def config_key(problem, spec, knobs) -> str:
     return Config.make(spec.algorithm, spec.full_knobs(problem, knobs)).key()
 
 
-def outcome_to_dict(outcome: Outcome) -> dict:
-    data = {"status": outcome.status.value, "message": outcome.message}
-    if outcome.measurement is not None:
-        data.update(outcome.measurement.as_dict())
-    if outcome.error is not None and math.isfinite(outcome.error):
-        data["error"] = outcome.error
-    return data
-
-
-def outcome_from_dict(data: dict) -> Outcome:
-    measurement = None
-    if "median_ms" in data:
-        measurement = Measurement(median=data["median_ms"], p20=data["p20_ms"], p80=data["p80_ms"], n=data["n"])
-    return Outcome(status=Status(data["status"]), measurement=measurement, error=data.get("error"),
-                   message=data.get("message", ""))
-
-
 def table_identity(problem, spec, rep_ms) -> dict:
     """What the recorded times depend on; a table whose identity differs is measured again."""
     return {
@@ -138,11 +121,11 @@ def measure_table(problem, spec, *, rep_ms, path: Path, remeasure: bool) -> dict
     start = time.perf_counter()
     for i, knobs in enumerate(tqdm(todo, desc="exhaustive", unit="cfg", dynamic_ncols=True), 1):
         outcome = measure.evaluate(problem, spec, knobs, device="cpu", rep_ms=rep_ms)
-        entries[config_key(problem, spec, knobs)] = outcome_to_dict(outcome)
+        entries[config_key(problem, spec, knobs)] = outcome.as_dict()
         if i % CHECKPOINT_EVERY == 0 or i == len(todo):
             write_json(path, {"identity": identity, "entries": entries,
                               "measure_seconds": round(time.perf_counter() - start, 1)})
-    return {key: outcome_from_dict(data) for key, data in entries.items()}
+    return {key: Outcome.from_dict(data) for key, data in entries.items()}
 
 
 # --- replay -----------------------------------------------------------------------------------
