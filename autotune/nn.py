@@ -7,6 +7,8 @@ kernels show up in torch.profiler as `autotune::<op>:<algorithm>`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -17,21 +19,24 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float1
                 torch.bfloat16: "bfloat16"}
 
 
-def _device_kind(t: torch.Tensor) -> str:
-    return "cuda" if t.is_cuda else "cpu"
-
-
 def run(problem: Problem, *inputs: torch.Tensor) -> torch.Tensor:
-    """Dispatch `problem` and run the chosen kernel on `inputs` (contiguous, no autograd)."""
-    inputs = tuple(t.detach().contiguous() for t in inputs)
-    device = _device_kind(inputs[0])
-    choice = dispatch.select(problem, device, inputs)
-    out = torch.empty(problem.output_shape(), dtype=inputs[0].dtype, device=inputs[0].device)
+    """Dispatch `problem` and run the chosen kernel on `inputs`.
+
+    This is the hot path of every layer call, so it does only what the chosen kernel needs:
+    NumPy kernels get detached tensors (numpy views refuse tensors that require grad), a kernel
+    whose library allocates its own result gets no output buffer.
+    """
+    inputs = tuple(t if t.is_contiguous() else t.contiguous() for t in inputs)
+    choice = dispatch.select(problem, "cuda" if inputs[0].is_cuda else "cpu", inputs)
+    spec = choice.spec
+    if spec.backend == "numpy":
+        inputs = tuple(t.detach() for t in inputs)
+    out = None if spec.allocates else inputs[0].new_empty(problem.output_shape())
     if not _profiling():
-        return choice.run(problem, inputs, out)
+        return spec.run(problem, choice.knobs, inputs, out)
     # Labels cost microseconds per call, so they are only made while a profiler listens.
-    with torch.profiler.record_function(f"autotune::{problem.op}:{choice.spec.algorithm}"):
-        return choice.run(problem, inputs, out)
+    with torch.profiler.record_function(f"autotune::{problem.op}:{spec.algorithm}"):
+        return spec.run(problem, choice.knobs, inputs, out)
 
 
 def _profiling() -> bool:
@@ -49,13 +54,30 @@ def _single(value, name: str) -> int:
 
 
 def conv_problem(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> Conv2dProblem:
-    n, c, h, wd = x.shape
-    k, wc, r, s = w.shape
+    return _conv_problem(tuple(x.shape), tuple(w.shape), _pair_key(stride), _pair_key(padding),
+                         _pair_key(dilation), x.dtype)
+
+
+def _pair_key(value):
+    return value if isinstance(value, int) else tuple(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _conv_problem(x_shape, w_shape, stride, padding, dilation, dtype) -> Conv2dProblem:
+    """Problems are validated on construction; a layer sees the same few shapes every step,
+    so they are built once per shape rather than on every call."""
+    n, c, h, wd = x_shape
+    k, wc, r, s = w_shape
     if wc != c:
         raise ValueError(f"weight expects {wc} input channels, input has {c}")
     return Conv2dProblem(op="conv2d", n=n, c=c, h=h, w=wd, k=k, r=r, s=s,
                          stride=_single(stride, "stride"), padding=_single(padding, "padding"),
-                         dilation=_single(dilation, "dilation"), dtype=_DTYPE_NAMES[x.dtype])
+                         dilation=_single(dilation, "dilation"), dtype=_DTYPE_NAMES[dtype])
+
+
+@functools.lru_cache(maxsize=4096)
+def _gemm_problem(m: int, n: int, k: int, trans_a: bool, trans_b: bool, dtype) -> GemmProblem:
+    return GemmProblem(m=m, n=n, k=k, trans_a=trans_a, trans_b=trans_b, dtype=_DTYPE_NAMES[dtype])
 
 
 class _Conv2dFunction(torch.autograd.Function):
@@ -93,9 +115,8 @@ class _LinearFunction(torch.autograd.Function):
     def forward(ctx, x2d, w, b):
         ctx.save_for_backward(x2d, w)
         batch, fan_in = x2d.shape
-        dtype = _DTYPE_NAMES[x2d.dtype]
         # y = x·Wᵀ: W is stored (out, in), read transposed through its strides.
-        y = run(GemmProblem(m=batch, n=w.shape[0], k=fan_in, trans_b=True, dtype=dtype), x2d, w)
+        y = run(_gemm_problem(batch, w.shape[0], fan_in, False, True, x2d.dtype), x2d, w)
         if b is not None:
             y = y.add_(b)
         return y
@@ -105,12 +126,11 @@ class _LinearFunction(torch.autograd.Function):
         x2d, w = ctx.saved_tensors
         batch, fan_in = x2d.shape
         fan_out = w.shape[0]
-        dtype = _DTYPE_NAMES[x2d.dtype]
         dx = dw = db = None
         if ctx.needs_input_grad[0]:  # dX = dY·W
-            dx = run(GemmProblem(m=batch, n=fan_in, k=fan_out, dtype=dtype), dy, w)
+            dx = run(_gemm_problem(batch, fan_in, fan_out, False, False, x2d.dtype), dy, w)
         if ctx.needs_input_grad[1]:  # dW = dYᵀ·X
-            dw = run(GemmProblem(m=fan_out, n=fan_in, k=batch, trans_a=True, dtype=dtype), dy, x2d)
+            dw = run(_gemm_problem(fan_out, fan_in, batch, True, False, x2d.dtype), dy, x2d)
         if ctx.needs_input_grad[2]:
             db = dy.sum(dim=0)
         return dx, dw, db
@@ -118,9 +138,10 @@ class _LinearFunction(torch.autograd.Function):
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """Like torch.nn.functional.linear, on tuned kernels (leading dims are flattened)."""
-    lead = x.shape[:-1]
+    if x.dim() == 2:  # the common case; reshapes cost microseconds per call
+        return _LinearFunction.apply(x, w, b)
     y = _LinearFunction.apply(x.reshape(-1, x.shape[-1]), w, b)
-    return y.reshape(*lead, w.shape[0])
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 class Conv2d(nn.Conv2d):

@@ -69,6 +69,9 @@ class KernelSpec:
     supports: Callable[[Problem], str | None] = _always
     check: Callable[[Problem, Knobs], str | None] = _always
     defaults: Knobs | Callable[[Problem], Knobs] = dataclasses.field(default_factory=dict)
+    # True when the kernel's library allocates its result (torch's ops): run() then accepts
+    # out=None, which spares the hot path an allocation.
+    allocates: bool = False
     # Filled in by the registry:
     space: Space = Space()
     source_hash: str = ""

@@ -65,7 +65,7 @@ def gemm(problem, knobs, inputs, out):
 DEFAULTS = {"allow_tf32": False}
 
 KERNELS = [
-    KernelSpec(op=op, algorithm="vendor", backend="torch", run=run, defaults=DEFAULTS)
+    KernelSpec(op=op, algorithm="vendor", backend="torch", run=run, defaults=DEFAULTS, allocates=True)
     for op, run in (("conv2d", conv2d), ("conv2d_bwd_data", conv2d_bwd_data),
                     ("conv2d_bwd_weight", conv2d_bwd_weight), ("gemm", gemm))
 ]
