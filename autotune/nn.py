@@ -7,9 +7,11 @@ kernels show up in torch.profiler as `autotune::<op>:<algorithm>`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from autotune import dispatch
@@ -27,7 +29,7 @@ def run(problem: Problem, *inputs: torch.Tensor) -> torch.Tensor:
     whose library allocates its own result gets no output buffer.
     """
     inputs = tuple(t if t.is_contiguous() else t.contiguous() for t in inputs)
-    choice = dispatch.select(problem, "cuda" if inputs[0].is_cuda else "cpu", inputs)
+    choice = _select(problem, inputs)
     spec = choice.spec
     if spec.backend == "numpy":
         inputs = tuple(t.detach() for t in inputs)
@@ -37,6 +39,10 @@ def run(problem: Problem, *inputs: torch.Tensor) -> torch.Tensor:
     # Labels cost microseconds per call, so they are only made while a profiler listens.
     with torch.profiler.record_function(f"autotune::{problem.op}:{spec.algorithm}"):
         return spec.run(problem, choice.knobs, inputs, out)
+
+
+def _select(problem: Problem, inputs: tuple[torch.Tensor, ...]) -> dispatch.Choice:
+    return dispatch.select(problem, "cuda" if inputs[0].is_cuda else "cpu", inputs)
 
 
 def _profiling() -> bool:
@@ -80,11 +86,51 @@ def _gemm_problem(m: int, n: int, k: int, trans_a: bool, trans_b: bool, dtype) -
     return GemmProblem(m=m, n=n, k=k, trans_a=trans_a, trans_b=trans_b, dtype=_DTYPE_NAMES[dtype])
 
 
+@functools.lru_cache(maxsize=4096)
+def _with_op(problem: Conv2dProblem, op: str) -> Conv2dProblem:
+    return problem.with_op(op)
+
+
+def _vendor_wins(*calls: tuple[Problem, tuple[torch.Tensor, ...] | None], device: str | None = None) -> bool:
+    """Whether torch's own op is the choice for every one of these problems. A problem given
+    without inputs (a gradient not computed yet) is benchmarked on random tensors if need be."""
+    for problem, inputs in calls:
+        kind = device or ("cuda" if inputs[0].is_cuda else "cpu")
+        if dispatch.select(problem, kind, inputs).spec.algorithm != "vendor":
+            return False
+    return True
+
+
+def _torch_wins_layer(problem: Problem, x: torch.Tensor, w: torch.Tensor, grads: dict[str, Problem]) -> bool:
+    """Whether torch's op is chosen for the forward and every gradient this call will need.
+
+    Such a layer simply runs torch's own op with torch's own autograd: the choice was made
+    (and cached), and a custom autograd.Function would only add its overhead.
+    """
+    calls: list = [(problem, (x, w))]
+    if torch.is_grad_enabled():
+        if x.requires_grad:
+            calls.append((grads["data"], None))
+        if w.requires_grad:
+            calls.append((grads["weight"], None))
+    return _vendor_wins(*calls, device="cuda" if x.is_cuda else "cpu")
+
+
+def _label(name: str):
+    return torch.profiler.record_function(name) if _profiling() else contextlib.nullcontext()
+
+
 class _Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, problem: Conv2dProblem):
         ctx.save_for_backward(x, w)
         ctx.problem = problem
+        if b is not None and _vendor_wins((problem, (x, w))):
+            # torch's conv adds the bias in the same call; a separate add would cost a pass.
+            from kernels.vendor import conv2d_bias
+
+            with _label("autotune::conv2d:vendor"):
+                return conv2d_bias(problem, x, w, b)
         y = run(problem, x, w)
         if b is not None:
             y = y.add_(b.view(1, -1, 1, 1))
@@ -94,20 +140,34 @@ class _Conv2dFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         problem = ctx.problem
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = run(problem.with_op("conv2d_bwd_data"), dy, w)
-        if ctx.needs_input_grad[1]:
-            dw = run(problem.with_op("conv2d_bwd_weight"), x, dy)
-        if ctx.needs_input_grad[2]:
-            db = dy.sum(dim=(0, 2, 3))
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dy = dy if dy.is_contiguous() else dy.contiguous()
+        data, weight = _with_op(problem, "conv2d_bwd_data"), _with_op(problem, "conv2d_bwd_weight")
+        calls = ([(data, (dy, w))] if need_dx else []) + ([(weight, (x, dy))] if need_dw else [])
+        if calls and _vendor_wins(*calls):
+            # Each gradient is chosen on its own, as cuDNN picks BwdData and BwdFilter; where
+            # torch's op wins both, one convolution_backward computes dx, dw and db together,
+            # exactly as torch's own autograd would.
+            from kernels.vendor import conv2d_backward
+
+            with _label("autotune::conv2d_bwd:vendor"):
+                dx, dw, db = conv2d_backward(problem, x, w, dy, (need_dx, need_dw, need_db))
+            return dx, dw, db, None
+        dx = run(data, dy, w) if need_dx else None
+        dw = run(weight, x, dy) if need_dw else None
+        db = dy.sum(dim=(0, 2, 3)) if need_db else None
         return dx, dw, db, None
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, stride=1, padding=0,
            dilation=1) -> torch.Tensor:
     """Like torch.nn.functional.conv2d (groups=1, zero padding), on tuned kernels."""
-    return _Conv2dFunction.apply(x, w, b, conv_problem(x, w, stride, padding, dilation))
+    problem = conv_problem(x, w, stride, padding, dilation)
+    grads = {"data": _with_op(problem, "conv2d_bwd_data"), "weight": _with_op(problem, "conv2d_bwd_weight")}
+    if _torch_wins_layer(problem, x, w, grads):
+        with _label("autotune::conv2d:vendor"):
+            return F.conv2d(x, w, b, problem.stride, problem.padding, problem.dilation)
+    return _Conv2dFunction.apply(x, w, b, problem)
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -116,7 +176,11 @@ class _LinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x2d, w)
         batch, fan_in = x2d.shape
         # y = x·Wᵀ: W is stored (out, in), read transposed through its strides.
-        y = run(_gemm_problem(batch, w.shape[0], fan_in, False, True, x2d.dtype), x2d, w)
+        problem = _gemm_problem(batch, w.shape[0], fan_in, False, True, x2d.dtype)
+        if b is not None and _vendor_wins((problem, (x2d, w))):
+            with _label("autotune::gemm:vendor"):
+                return torch.addmm(b, x2d, w.t())  # bias fused into the GEMM, as F.linear does
+        y = run(problem, x2d, w)
         if b is not None:
             y = y.add_(b)
         return y
@@ -139,6 +203,14 @@ class _LinearFunction(torch.autograd.Function):
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """Like torch.nn.functional.linear, on tuned kernels (leading dims are flattened)."""
     if x.dim() == 2:  # the common case; reshapes cost microseconds per call
+        batch, fan_in = x.shape
+        fan_out = w.shape[0]
+        problem = _gemm_problem(batch, fan_out, fan_in, False, True, x.dtype)
+        grads = {"data": _gemm_problem(batch, fan_in, fan_out, False, False, x.dtype),
+                 "weight": _gemm_problem(fan_out, fan_in, batch, True, False, x.dtype)}
+        if _torch_wins_layer(problem, x, w, grads):
+            with _label("autotune::gemm:vendor"):
+                return F.linear(x, w, b)
         return _LinearFunction.apply(x, w, b)
     y = _LinearFunction.apply(x.reshape(-1, x.shape[-1]), w, b)
     return y.reshape(*x.shape[:-1], w.shape[0])

@@ -62,6 +62,21 @@ def gemm(problem, knobs, inputs, out):
     return torch.matmul(a.T if problem.trans_a else a, b.T if problem.trans_b else b, out=out)
 
 
+def conv2d_bias(problem, x, w, b):
+    """Forward with the bias added inside torch's conv (the layer's fused fast path)."""
+    return F.conv2d(x, w, b, **_geometry(problem))
+
+
+def conv2d_backward(problem, x, w, dy, mask):
+    """dx, dw, db in one convolution_backward call, as torch's autograd computes them; entries
+    whose mask is False come back as None."""
+    return torch.ops.aten.convolution_backward(
+        dy, x, w, [problem.k] if mask[2] else None,
+        (problem.stride,) * 2, (problem.padding,) * 2, (problem.dilation,) * 2,
+        False, (0, 0), 1, mask,
+    )
+
+
 DEFAULTS = {"allow_tf32": False}
 
 KERNELS = [
