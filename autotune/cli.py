@@ -254,6 +254,7 @@ def _search_lenet(args) -> int:
     rows, records = [], []
     with tqdm(total=budget, desc=f"tuning LeNet batch {batch}", unit="cfg", disable=args.json) as bar:
         for problem, specs, hit in plan:
+            from_cache = hit is not None
             if hit is None:
                 bar.set_description(f"{problem.op} {problem.describe().split(' ', 2)[1]}")
                 result = _tune(args, problem, specs, progress=bar)
@@ -264,7 +265,7 @@ def _search_lenet(args) -> int:
             record = hit.record
             records.append({"problem": record["problem"], "algorithm": record["algorithm"],
                             "knobs": record["knobs"], "median_ms": record.get("median_ms"),
-                            "vendor_ms": record.get("vendor_ms")})
+                            "vendor_ms": record.get("vendor_ms"), "from_cache": from_cache})
             rows.append((problem.describe(), record["algorithm"], knobs_text(record["knobs"]),
                          ms(record.get("median_ms")), ms(record.get("vendor_ms")),
                          ratio(record.get("vendor_ms"), record.get("median_ms"))))

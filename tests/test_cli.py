@@ -116,3 +116,16 @@ def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "autotune", "search", "--help"], capture_output=True,
                             text=True, env={**os.environ}, timeout=120)
     assert result.returncode == 0 and "--trials" in result.stdout and "--sampler" in result.stdout
+
+
+def test_search_lenet_tunes_every_layer_once(capsys, cache_dir):
+    argv = ["search", "lenet", "--batch", "2", "--trials", "2", "--algorithms", "vendor",
+            "--json", "--cache-dir", str(cache_dir)]
+    code, out, _ = run(capsys, *argv)
+    layers = json.loads(out)["layers"]
+    assert code == 0 and len(layers) == 14 and not any(layer["from_cache"] for layer in layers)
+    assert len({json.dumps(layer["problem"], sort_keys=True) for layer in layers}) == 14
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and all(layer["from_cache"] for layer in json.loads(out)["layers"])
+    code, out, _ = run(capsys, *argv[:-3], "--cache-dir", str(cache_dir))  # as a table
+    assert code == 0 and "conv2d_bwd_weight 2x1x28x28" in out
