@@ -167,13 +167,28 @@ def precision_of(problem: Problem, knobs) -> str:
     return problem.dtype
 
 
+def check_candidate(problem: Problem, spec, knobs, *, device: str, seed: int = 0) -> Outcome:
+    """Verify only (no timing): OK, or why not. What the correctness tests assert on."""
+    return _run_verified(problem, spec, spec.full_knobs(problem, knobs), device, seed)[0]
+
+
 def evaluate(problem: Problem, spec, knobs, *, device: str, seed: int = 0,
              rep_ms: float | None = None) -> Outcome:
     """Verify `spec` with `knobs` on `problem`, then time it. Never raises for a bad candidate."""
     knobs = spec.full_knobs(problem, knobs)
+    outcome, inputs, out = _run_verified(problem, spec, knobs, device, seed)
+    if outcome.status is not Status.OK:
+        return outcome
+    measurement = bench(lambda: spec.run(problem, knobs, inputs, out), device=device, rep_ms=rep_ms)
+    return Outcome(status=Status.OK, measurement=measurement, error=outcome.error)
+
+
+def _run_verified(problem: Problem, spec, knobs, device: str, seed: int):
+    """Check the config, run once on fresh inputs into a NaN-poisoned output, compare with the
+    float64 reference. Returns (outcome, inputs, out) so a caller can go on to time it."""
     reason = spec.check(problem, knobs)
     if reason is not None:
-        return Outcome(status=Status.INVALID, message=reason)
+        return Outcome(status=Status.INVALID, message=reason), None, None
     pristine, ref = _inputs_and_reference(problem, device, seed)
     inputs = tuple(t.clone() for t in pristine)  # a kernel that writes its inputs spoils only its own copy
     out = empty_output(problem, device=device)
@@ -183,10 +198,9 @@ def evaluate(problem: Problem, spec, knobs, *, device: str, seed: int = 0,
         if device == "cuda":
             torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001 - any kernel failure is a trial result
-        return Outcome(status=classify_exception(exc), message=f"{type(exc).__name__}: {exc}"[:500])
+        return Outcome(status=classify_exception(exc), message=f"{type(exc).__name__}: {exc}"[:500]), None, None
     ok, error = verify(problem, result, ref, dtype=precision_of(problem, knobs))
     if not ok:
         return Outcome(status=Status.WRONG_ANSWER, error=error,
-                       message=f"max relative error {error:.2e} above tolerance")
-    measurement = bench(lambda: spec.run(problem, knobs, inputs, out), device=device, rep_ms=rep_ms)
-    return Outcome(status=Status.OK, measurement=measurement, error=error)
+                       message=f"max relative error {error:.2e} above tolerance"), None, None
+    return Outcome(status=Status.OK, error=error), inputs, out

@@ -17,9 +17,8 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from autotune.measure import Status, evaluate, precision_of, verify  # noqa: E402
+from autotune.measure import Status, check_candidate, evaluate  # noqa: E402
 from autotune.problem import Conv2dProblem  # noqa: E402
-from autotune.reference import empty_output, make_inputs, reference  # noqa: E402
 from kernels import triton_conv  # noqa: E402
 from kernels.triton_gemm import is_interpreted  # noqa: E402
 
@@ -46,13 +45,9 @@ GEOMETRIES = {"plain": PLAIN, "strided": STRIDED, "dilated": DILATED, "lenet1": 
 
 def assert_correct(spec, problem, knobs):
     problem = problem.with_op(spec.op)
-    knobs = spec.full_knobs(problem, knobs)
-    assert spec.check(problem, knobs) is None, spec.check(problem, knobs)
-    inputs = make_inputs(problem, device=DEVICE, seed=1)
-    out = empty_output(problem, device=DEVICE).fill_(float("nan"))
-    result = spec.run(problem, knobs, inputs, out)
-    ok, error = verify(problem, result, reference(problem, inputs), dtype=precision_of(problem, knobs))
-    assert ok, f"{problem.describe()} {knobs}: relative error {error:.2e}"
+    """Run into a NaN-poisoned output and compare with the float64 reference."""
+    outcome = check_candidate(problem, spec, knobs, device=DEVICE, seed=1)
+    assert outcome.status is Status.OK, f"{problem.describe()} {knobs}: {outcome.status} {outcome.message}"
 
 
 @pytest.mark.parametrize("loop_order", triton_conv.LOOP_ORDERS)

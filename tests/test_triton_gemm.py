@@ -17,9 +17,8 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from autotune.measure import Status, evaluate, precision_of, verify  # noqa: E402
+from autotune.measure import Status, check_candidate, evaluate  # noqa: E402
 from autotune.problem import GemmProblem  # noqa: E402
-from autotune.reference import empty_output, make_inputs, reference  # noqa: E402
 from kernels import triton_gemm  # noqa: E402
 
 if DEVICE == "cpu" and not triton_gemm.is_interpreted(triton_gemm._gemm_kernel):
@@ -33,13 +32,9 @@ SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 1, "num_stage
 
 
 def assert_correct(problem, knobs):
-    knobs = SPEC.full_knobs(problem, knobs)
-    assert SPEC.check(problem, knobs) is None, SPEC.check(problem, knobs)
-    inputs = make_inputs(problem, device=DEVICE, seed=1)
-    out = empty_output(problem, device=DEVICE).fill_(float("nan"))
-    result = SPEC.run(problem, knobs, inputs, out)
-    ok, error = verify(problem, result, reference(problem, inputs), dtype=precision_of(problem, knobs))
-    assert ok, f"{problem.describe()} {knobs}: relative error {error:.2e}"
+    """Run into a NaN-poisoned output and compare with the float64 reference."""
+    outcome = check_candidate(problem, SPEC, knobs, device=DEVICE, seed=1)
+    assert outcome.status is Status.OK, f"{problem.describe()} {knobs}: {outcome.status} {outcome.message}"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
