@@ -61,7 +61,11 @@ class TuneResult:
     study_name: str = ""
 
     def counts(self) -> dict[str, int]:
-        counted = Counter(t.status.value for t in self.trials)
+        """Distinct configs by status (a config proposed twice was measured once)."""
+        first = {}
+        for t in self.trials:
+            first.setdefault(t.config.key(), t.status)
+        counted = Counter(status.value for status in first.values())
         return {s.value: counted.get(s.value, 0) for s in Status if counted.get(s.value)}
 
 
