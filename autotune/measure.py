@@ -141,6 +141,11 @@ def _summarize(times: list[float]) -> Measurement:
     return Measurement(median=statistics.median(times), p20=q[1], p80=q[7], n=len(times))
 
 
+def clearly_faster(ours: Measurement, theirs: Measurement) -> bool:
+    """Whether `ours` wins by more than the measured noise (the larger relative spread)."""
+    return ours.median * (1 + max(ours.spread(), theirs.spread())) < theirs.median
+
+
 def classify_exception(exc: BaseException) -> Status:
     """Map a kernel failure to a trial status (a failure is a result, not a crash)."""
     name = type(exc).__name__

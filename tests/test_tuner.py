@@ -6,7 +6,7 @@ from autotune.errors import UnknownNameError
 from autotune.measure import Measurement, Outcome, Status
 from autotune.problem import Conv2dProblem, GemmProblem
 from autotune.space import Param, Space
-from autotune.tuner import tune
+from autotune.tuner import CONFIRM_ROUNDS, tune
 from kernels import KernelSpec
 
 PROBLEM = GemmProblem(m=8, n=8, k=8)
@@ -103,7 +103,26 @@ def test_invalid_configs_do_not_spend_the_budget():
 def test_confirmation_retimes_finalists():
     timer = FakeTimer()
     tune(PROBLEM, specs=[TILED, PLAIN], evaluate=timer, sampler="grid", trials=100, confirm_top=2)
-    assert len(timer.calls) == 9 + 2  # the two best own configs timed again
+    assert len(timer.calls) == 9 + 2 * CONFIRM_ROUNDS  # the two best own configs, in rounds
+
+
+VENDOR_SPEC = _spec("vendor", Space(), {})
+
+
+@pytest.mark.parametrize("ours_ms, spread, winner", [
+    (0.90, 0.02, "tiled"),  # 10% faster, 2% noise: ours
+    (0.97, 0.05, "vendor"),  # 3% faster, 5% noise: a tie, which goes to torch
+    (1.20, 0.01, "vendor"),
+])
+def test_our_kernel_must_beat_the_vendor_beyond_noise(ours_ms, spread, winner):
+    def timer(problem, spec, knobs):
+        t = 1.0 if spec.algorithm == "vendor" else ours_ms
+        return Outcome(status=Status.OK, measurement=Measurement(median=t, p20=t * (1 - spread),
+                                                                 p80=t * (1 + spread), n=5))
+
+    result = tune(PROBLEM, specs=[TILED, VENDOR_SPEC], evaluate=timer, sampler="grid", trials=3)
+    assert result.best.algorithm == winner
+    assert result.best_own.algorithm == "tiled" and result.vendor.algorithm == "vendor"
 
 
 def test_unknown_sampler():
