@@ -27,6 +27,10 @@ from autotune.problem import Problem
 POLICIES = ("cached", "benchmark", "tune")
 TUNE_TRIALS = 12  # the "tune" policy's budget per shape: a short search, it runs inside training
 BENCHMARK_REP_MS = 10.0  # per-algorithm timing budget of the "benchmark" policy (once per shape)
+# What a layer pays per call for leaving torch's native op for our autograd.Function (measured by
+# benchmarks/dispatch_overhead.py on the 2-core dev CPU: 12-24 µs). A kernel that saves less than
+# this per call would make the layer slower, so torch's op keeps the layer.
+LAYER_OVERHEAD_MS = 0.02
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,13 +121,25 @@ def _select_slow(problem: Problem, device: str, inputs) -> Choice:
     by_name = {s.algorithm: s for s in specs}
     if entry is not None and entry.algorithm in by_name:
         spec = by_name[entry.algorithm]
+        median, vendor_ms = entry.record.get("median_ms"), entry.record.get("vendor_ms")
+        if "vendor" in by_name and not _worth_leaving_torch(median, vendor_ms):
+            spec = by_name["vendor"]
+            return Choice(spec=spec, knobs=spec.default_config(problem).as_dict(), source="cache",
+                          median_ms=vendor_ms)
         return Choice(spec=spec, knobs=spec.full_knobs(problem, entry.knobs), source="cache",
-                      median_ms=entry.record.get("median_ms"))
+                      median_ms=median)
     if _state.policy == "benchmark":
         return _benchmark(problem, device, specs, inputs, cache, entry)
     if _state.policy == "tune":
         return _tune(problem, device, specs, cache)
     return _default(problem, device, by_name)
+
+
+def _worth_leaving_torch(ours_ms: float | None, vendor_ms: float | None) -> bool:
+    """Whether our kernel saves more per call than running it outside torch's op costs."""
+    if ours_ms is None or vendor_ms is None:
+        return True  # nothing to compare with: the cached winner stands
+    return vendor_ms - ours_ms > LAYER_OVERHEAD_MS
 
 
 def _default(problem: Problem, device: str, by_name: dict) -> Choice:
@@ -167,7 +183,8 @@ def _benchmark(problem, device, specs, inputs, cache: Cache, entry) -> Choice:
     median, spec, knobs, m = min(results, key=lambda r: r[0])
     vendor_result = next((r for r in results if r[1].algorithm == "vendor"), None)
     vendor = vendor_result[3] if vendor_result else None
-    if vendor is not None and not measure.clearly_faster(m, vendor):
+    if vendor is not None and not (measure.clearly_faster(m, vendor)
+                                   and _worth_leaving_torch(m.median, vendor.median)):
         median, spec, knobs, m = vendor_result  # a tie goes to torch's op
     cache.save(problem, device, algorithm=spec.algorithm, knobs=knobs, kernel_hash=spec.source_hash,
                result=_summary(m, vendor, "benchmark"))

@@ -77,3 +77,18 @@ def test_importing_autotune_does_not_import_optuna():
 
     code = "import sys, autotune; assert 'optuna' not in sys.modules, 'optuna imported'"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+@pytest.mark.parametrize("ours_ms, vendor_ms, expected", [
+    (0.010, 0.015, "vendor"),  # 5 µs saved per call does not pay for leaving torch's op
+    (0.100, 0.500, "im2col_gemm"),
+])
+def test_cached_winner_must_save_more_than_the_layer_overhead(tmp_path, ours_ms, vendor_ms, expected):
+    import kernels
+
+    spec = kernels.get("conv2d", "im2col_gemm", "cpu")
+    Cache(tmp_path).save(PROBLEM, "cpu", algorithm="im2col_gemm", knobs=spec.default_config(PROBLEM).as_dict(),
+                         kernel_hash=spec.source_hash, result={"median_ms": ours_ms, "vendor_ms": vendor_ms})
+    with autotune.policy("cached", cache_dir=tmp_path):
+        choice = dispatch.select(PROBLEM, "cpu")
+    assert choice.source == "cache" and choice.spec.algorithm == expected
