@@ -7,7 +7,6 @@ the input has been validated.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import warnings
@@ -21,7 +20,6 @@ from autotune.report import format_pairs, format_table, knobs_text, ms, ratio
 
 SAMPLER_CHOICES = ("tpe", "random", "grid", "cmaes")
 STUDIES_FILE = "studies.db"
-CANDIDATE_TIMEOUT_S = 60.0  # a GPU candidate that takes longer is recorded as a timeout
 
 
 class _Parser(argparse.ArgumentParser):
@@ -187,19 +185,10 @@ def _tune(args, problem: Problem, specs, progress):
 
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     storage = args.storage or f"sqlite:///{(args.cache_dir / STUDIES_FILE).resolve()}"
-    with contextlib.ExitStack() as stack:
-        evaluate = None
-        if args.device == "cuda":
-            # On a GPU a bad candidate can kill the CUDA context or hang: run candidates in a
-            # worker process with a per-candidate timeout, restarted after a crash.
-            from autotune.worker import IsolatedEvaluator
-
-            evaluate = stack.enter_context(IsolatedEvaluator(device="cuda", seed=args.seed,
-                                                             timeout_s=CANDIDATE_TIMEOUT_S))
-        return tune(problem, device=args.device, trials=args.trials, timeout=args.timeout,
-                    sampler=args.sampler, storage=storage, seed=args.seed, specs=specs,
-                    evaluate=evaluate, progress=progress, fresh=args.force,
-                    study_name=f"{problem.key()}|{args.device}|{args.sampler}|{args.seed}")
+    return tune(problem, device=args.device, trials=args.trials, timeout=args.timeout,
+                sampler=args.sampler, storage=storage, seed=args.seed, specs=specs,
+                progress=progress, fresh=args.force,
+                study_name=f"{problem.key()}|{args.device}|{args.sampler}|{args.seed}")
 
 
 def _hashes(specs) -> dict[str, str]:

@@ -11,6 +11,7 @@ kernel's constraints reject costs nothing and does not count.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import statistics
@@ -29,6 +30,7 @@ from autotune.space import Config, Param
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 VENDOR = "vendor"
+CANDIDATE_TIMEOUT_S = 60.0  # a GPU candidate that takes longer is recorded as a timeout
 CONFIRM_ROUNDS = 3  # interleaved re-timing rounds of the finalists at the end of a search
 
 Evaluate = Callable[[Problem, object, dict], Outcome]
@@ -148,8 +150,26 @@ def tune(
         specs = kernels.kernels_for(problem, device)
     if not specs:
         raise UnknownNameError(f"no kernel supports {problem.describe()} on {device}")
-    if evaluate is None:
-        evaluate = functools.partial(measure.evaluate, device=device, seed=seed or 0)
+    with contextlib.ExitStack() as stack:
+        if evaluate is None:
+            evaluate = _default_evaluator(device, seed or 0, stack)
+        return _search(problem, specs, evaluate, device=device, trials=trials, timeout=timeout,
+                       sampler=sampler, storage=storage, study_name=study_name, seed=seed,
+                       progress=progress, fresh=fresh, confirm_top=confirm_top)
+
+
+def _default_evaluator(device: str, seed: int, stack: contextlib.ExitStack) -> Evaluate:
+    """In process on the CPU. On a GPU a bad candidate can kill the CUDA context or hang, so
+    candidates run in a worker process with a per-candidate timeout, restarted after a crash."""
+    if device != "cuda":
+        return functools.partial(measure.evaluate, device=device, seed=seed)
+    from autotune.worker import IsolatedEvaluator
+
+    return stack.enter_context(IsolatedEvaluator(device=device, seed=seed, timeout_s=CANDIDATE_TIMEOUT_S))
+
+
+def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, storage, study_name, seed,
+            progress, fresh, confirm_top) -> TuneResult:
     by_name = {spec.algorithm: spec for spec in specs}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

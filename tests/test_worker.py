@@ -77,3 +77,18 @@ def test_illegal_address_on_gpu_is_crashed_and_next_candidate_runs_gpu():
         crashed = ev(PROBLEM, ("gemm", "illegal_address"), {})
         assert crashed.status is Status.CRASHED, crashed.message
         assert ev(PROBLEM, VENDOR, {}).status is Status.OK
+
+
+def test_search_survives_a_crashing_candidate(evaluator):
+    """A real Optuna search through the worker: the candidate that kills its process becomes a
+    `crashed` trial, and the search still measures torch's op and returns it as the winner."""
+    import worker_kernels
+
+    import kernels
+    from autotune.tuner import tune
+
+    exits = next(k for k in worker_kernels.KERNELS if k.algorithm == "exits")
+    result = tune(PROBLEM, specs=[exits, kernels.get("gemm", "vendor", "cpu")], evaluate=evaluator,
+                  trials=2, confirm_top=1)
+    assert result.counts() == {"ok": 1, "crashed": 1}
+    assert result.best.algorithm == "vendor" and result.best_own is None
