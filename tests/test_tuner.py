@@ -125,6 +125,17 @@ def test_our_kernel_must_beat_the_vendor_beyond_noise(ours_ms, spread, winner):
     assert result.best_own.algorithm == "tiled" and result.vendor.algorithm == "vendor"
 
 
+def test_vendor_is_measured_first_even_on_a_tiny_budget():
+    calls = []
+
+    def timer(problem, spec, knobs):
+        calls.append(spec.algorithm)
+        return _ok(1.0)
+
+    result = tune(PROBLEM, specs=[TILED, PLAIN, VENDOR_SPEC], evaluate=timer, trials=1, confirm_top=0)
+    assert calls == ["vendor"] and result.vendor is not None
+
+
 def test_unknown_sampler():
     with pytest.raises(UnknownNameError, match="sampler"):
         tune(PROBLEM, specs=[PLAIN], evaluate=FakeTimer(), sampler="annealing")
