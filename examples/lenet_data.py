@@ -80,28 +80,28 @@ def _how(root: Path) -> str:
 
 
 def _mnist(root: Path, download: bool) -> Data | None:
-    found = _open(torchvision.datasets.MNIST, root, download=False)
-    if found is not None:
-        return _data("mnist", found, f"MNIST from {root}")
-    if download:
-        fetched = _open(torchvision.datasets.MNIST, root, download=True)
-        if fetched is not None:
-            return _data("mnist", fetched, f"MNIST downloaded into {root}")
-    return None
+    return _find("mnist", "MNIST", torchvision.datasets.MNIST, root, download)
 
 
 def _fashion(root: Path, download: bool) -> Data | None:
-    found = _open(torchvision.datasets.FashionMNIST, root, download=False)
+    return _find("fashion-mnist", "Fashion-MNIST", torchvision.datasets.FashionMNIST, root, download,
+                 debian_raw=root / "FashionMNIST" / "raw")
+
+
+def _find(name: str, title: str, cls, root: Path, download: bool, debian_raw: Path | None = None):
+    """The data set from `root`; else extracted from Debian's package (if it has one); else
+    downloaded (if allowed); else None."""
+    found = _open(cls, root, download=False)
     if found is not None:
-        return _data("fashion-mnist", found, f"Fashion-MNIST from {root}")
-    if _extract_debian(root / "FashionMNIST" / "raw"):
-        found = _open(torchvision.datasets.FashionMNIST, root, download=False)
+        return _data(name, found, f"{title} from {root}")
+    if debian_raw is not None and _extract_debian(debian_raw):
+        found = _open(cls, root, download=False)
         if found is not None:
-            return _data("fashion-mnist", found, f"Fashion-MNIST extracted from {DEBIAN_FASHION_MNIST}")
+            return _data(name, found, f"{title} extracted from {DEBIAN_FASHION_MNIST}")
     if download:
-        fetched = _open(torchvision.datasets.FashionMNIST, root, download=True)
+        fetched = _open(cls, root, download=True)
         if fetched is not None:
-            return _data("fashion-mnist", fetched, f"Fashion-MNIST downloaded into {root}")
+            return _data(name, fetched, f"{title} downloaded into {root}")
     return None
 
 
