@@ -22,6 +22,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from autotune.errors import CacheWriteError
 from autotune.problem import Problem, problem_to_dict
 
 SCHEMA_VERSION = 1
@@ -105,7 +106,7 @@ class Cache:
     def _read(self) -> dict | None:
         try:
             text = self.path.read_text()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no cache yet (or no folder for one)
             return None
         except OSError as exc:
             warnings.warn(f"cannot read cache {self.path}: {exc.strerror}; tuning as if empty",
@@ -144,14 +145,18 @@ class Cache:
             **result,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self._lock_path)):
-            data = self._read()
-            if data is None:
-                self._set_aside_unusable()
-                data = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "entries": {}}
-            data["entries"][key] = record
-            self._atomic_write(data)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(self._lock_path)):
+                data = self._read()
+                if data is None:
+                    self._set_aside_unusable()
+                    data = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "entries": {}}
+                data["entries"][key] = record
+                self._atomic_write(data)
+        except OSError as exc:
+            raise CacheWriteError(f"cannot write the cache {self.path}: {exc.strerror or exc}; "
+                                  "fix its permissions or pass another --cache-dir") from None
         return Entry(key=key, record=record)
 
     def clear(self) -> int:

@@ -183,8 +183,13 @@ def cmd_search(args) -> int:
 def _tune(args, problem: Problem, specs, progress):
     from autotune.tuner import tune
 
-    args.cache_dir.mkdir(parents=True, exist_ok=True)
-    storage = args.storage or f"sqlite:///{(args.cache_dir / STUDIES_FILE).resolve()}"
+    storage = args.storage
+    if storage is None:
+        try:
+            args.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AutotuneError(f"cannot create --cache-dir {args.cache_dir}: {exc.strerror or exc}") from None
+        storage = f"sqlite:///{(args.cache_dir / STUDIES_FILE).resolve()}"
     return tune(problem, device=args.device, trials=args.trials, timeout=args.timeout,
                 sampler=args.sampler, storage=storage, seed=args.seed, specs=specs,
                 progress=progress, fresh=args.force,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from autotune.cache import Cache
-from autotune.errors import UnknownNameError
+from autotune.errors import CacheWriteError, UnknownNameError
 from autotune.problem import Problem
 
 POLICIES = ("cached", "benchmark", "tune")
@@ -186,8 +186,8 @@ def _benchmark(problem, device, specs, inputs, cache: Cache, entry) -> Choice:
     if vendor is not None and not (measure.clearly_faster(m, vendor)
                                    and _worth_leaving_torch(m.median, vendor.median)):
         median, spec, knobs, m = vendor_result  # a tie goes to torch's op
-    cache.save(problem, device, algorithm=spec.algorithm, knobs=knobs, kernel_hash=spec.source_hash,
-               result=_summary(m, vendor, "benchmark"))
+    _remember(lambda: cache.save(problem, device, algorithm=spec.algorithm, knobs=knobs,
+                                 kernel_hash=spec.source_hash, result=_summary(m, vendor, "benchmark")))
     return Choice(spec=spec, knobs=knobs, source="benchmark", median_ms=median)
 
 
@@ -199,8 +199,17 @@ def _tune(problem, device, specs, cache: Cache) -> Choice:
         return _default(problem, device, {s.algorithm: s for s in specs})
     spec = next(s for s in specs if s.algorithm == result.best.algorithm)
     knobs = result.best.config.as_dict()
-    save_result(cache, result, device, source="tune")
+    _remember(lambda: save_result(cache, result, device, source="tune"))
     return Choice(spec=spec, knobs=knobs, source="tune", median_ms=result.best.measurement.median)
+
+
+def _remember(write) -> None:
+    """Write a choice to the cache; training goes on (with a warning) if the cache is unwritable,
+    the choice then lasting for this process only."""
+    try:
+        write()
+    except CacheWriteError as exc:
+        warnings.warn(f"{exc}; the choice is kept for this process only", stacklevel=4)
 
 
 def _summary(best, vendor, source: str) -> dict:

@@ -26,3 +26,7 @@ class SearchSpaceError(AutotuneError):
 
 class DeviceError(AutotuneError):
     """A device was requested that this machine does not have."""
+
+
+class CacheWriteError(AutotuneError):
+    """The results cache could not be written (permissions, a full disk, a read-only folder)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import optuna
 
 from autotune import measure
-from autotune.errors import UnknownNameError
+from autotune.errors import AutotuneError, UnknownNameError
 from autotune.measure import Measurement, Outcome, Status
 from autotune.problem import Problem
 from autotune.space import Config, Param
@@ -175,13 +175,7 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     name = study_name or f"autotune-{problem.key()}-{device}"
-    if fresh and storage is not None:
-        try:
-            optuna.delete_study(study_name=name, storage=storage)
-        except KeyError:
-            pass
-    study = optuna.create_study(storage=storage, study_name=name, sampler=make_sampler(sampler, seed),
-                                direction="minimize", load_if_exists=True)
+    study = _open_study(name, storage, make_sampler(sampler, seed), fresh)
     seen: dict[str, Outcome] = _outcomes_from(study)
     if not study.trials:
         # torch's op first: every search measures the baseline, however small its budget.
@@ -226,6 +220,23 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
             if own_bar:
                 bar.close()
     return _result(problem, study, by_name, evaluate, confirm_top, device)
+
+
+def _open_study(name: str, storage: str | None, sampler, fresh: bool) -> optuna.Study:
+    """The study to run, resumed from `storage` unless `fresh`; a bad storage URL is the user's
+    to fix, so it becomes an AutotuneError (one line, exit status 2) rather than a traceback."""
+    try:
+        if fresh and storage is not None:
+            try:
+                optuna.delete_study(study_name=name, storage=storage)
+            except KeyError:
+                pass
+        return optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                   direction="minimize", load_if_exists=True)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy, driver and URL errors alike: the URL is the cause
+        raise AutotuneError(f"cannot open the Optuna storage {storage!r}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}; give --storage a URL "
+                            "such as sqlite:///results/studies.db") from None
 
 
 def _measured(seen: dict[str, Outcome]) -> int:

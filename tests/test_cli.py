@@ -129,3 +129,25 @@ def test_search_lenet_tunes_every_layer_once(capsys, cache_dir):
     assert code == 0 and all(layer["from_cache"] for layer in json.loads(out)["layers"])
     code, out, _ = run(capsys, *argv[:-3], "--cache-dir", str(cache_dir))  # as a table
     assert code == 0 and "conv2d_bwd_weight 2x1x28x28" in out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--storage", "notaurl"], "cannot open the Optuna storage"),
+    (["--storage", "sqlite:////nonexistent-dir/x.db"], "cannot open the Optuna storage"),
+])
+def test_bad_storage_url_is_one_line(capsys, cache_dir, extra, message):
+    code, out, err = run(capsys, "search", "gemm", "--shape", "8x8x8", "--trials", "2",
+                         "--cache-dir", str(cache_dir), *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not cache_dir.exists()
+
+
+def test_unwritable_cache_dir_is_one_line(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, out, err = run(capsys, "search", "gemm", "--shape", "8x8x8", "--trials", "2",
+                         "--cache-dir", str(blocker / "results"))
+    assert code == 2 and "cannot" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run(capsys, "search", "gemm", "--shape", "8x8x8", "--trials", "2", "--storage",
+                         f"sqlite:///{tmp_path / 's.db'}", "--cache-dir", str(blocker / "results"))
+    assert code == 2 and "cannot write the cache" in err and len(err.strip().splitlines()) == 1

@@ -92,3 +92,12 @@ def test_cached_winner_must_save_more_than_the_layer_overhead(tmp_path, ours_ms,
     with autotune.policy("cached", cache_dir=tmp_path):
         choice = dispatch.select(PROBLEM, "cpu")
     assert choice.source == "cache" and choice.spec.algorithm == expected
+
+
+def test_unwritable_cache_warns_and_training_goes_on(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.warns(UserWarning, match="kept for this process only"):
+        with autotune.policy("benchmark", cache_dir=blocker / "results"):
+            choice = dispatch.select(PROBLEM, "cpu")
+    assert choice.source == "benchmark"
