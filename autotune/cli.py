@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -157,8 +158,19 @@ def _specs_for(problem: Problem, device: str, algorithms: str | None):
     return specs
 
 
+def _check_cache_dir(path: Path) -> None:
+    """Fail before tuning, not after, when the results could not be written (creates nothing)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise AutotuneError(f"cannot write results under --cache-dir {path}: {existing} is not a "
+                            "writable folder; pass another --cache-dir")
+
+
 def cmd_search(args) -> int:
     _check_search_args(args)
+    _check_cache_dir(args.cache_dir)
     if args.op == "lenet":
         return _search_lenet(args)
     problem = _problem_from_args(args)

@@ -147,7 +147,17 @@ def test_unwritable_cache_dir_is_one_line(capsys, tmp_path):
     blocker.write_text("not a folder")
     code, out, err = run(capsys, "search", "gemm", "--shape", "8x8x8", "--trials", "2",
                          "--cache-dir", str(blocker / "results"))
-    assert code == 2 and "cannot" in err and len(err.strip().splitlines()) == 1
-    code, out, err = run(capsys, "search", "gemm", "--shape", "8x8x8", "--trials", "2", "--storage",
-                         f"sqlite:///{tmp_path / 's.db'}", "--cache-dir", str(blocker / "results"))
-    assert code == 2 and "cannot write the cache" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "not a writable folder" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s.db").exists()  # refused before any tuning
+
+
+def test_cache_write_failure_is_one_line(tmp_path):
+    from autotune.cache import Cache
+    from autotune.errors import CacheWriteError
+    from autotune.problem import GemmProblem
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CacheWriteError, match="cannot write the cache"):
+        Cache(blocker / "results").save(GemmProblem(m=2, n=2, k=2), "cpu", algorithm="blas", knobs={},
+                                        kernel_hash="x", result={})
