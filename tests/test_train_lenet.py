@@ -109,3 +109,25 @@ def test_bad_flags_exit_2_with_one_line(train_lenet, capsys, argv):
     assert train_lenet.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("train_lenet.py: ")
+
+
+@needs_fashion
+def test_dry_run_batch_size_comparison_and_saved_model(train_lenet, data_dir, tmp_path, capsys):
+    import torch
+
+    import autotune
+
+    saved, summary = tmp_path / "model" / "lenet5.pt", tmp_path / "summary.json"
+    argv = _common(tmp_path, data_dir) + [
+        "--tuned", "--policy", "cached", "--dry-run", "--epochs", "1", "--compare-batch-sizes", "1,4",
+        "--save-model", str(saved), "--summary-json", str(summary)]
+    assert train_lenet.main(argv) == 0
+    result = json.loads(summary.read_text())
+    assert result["epochs"][0]["steps"] == 1  # --dry-run: one batch
+    rows = result["compare_batch_sizes"]
+    assert [(r["batch"], r["mode"]) for r in rows] == [(1, "untuned"), (1, "tuned"), (4, "untuned"), (4, "tuned")]
+    assert all(r["step_ms"] > 0 and r["samples_per_s"] > 0 and r["top_op"] for r in rows)
+    assert result["selections"]["default"] > 0 and result["selections"]["benchmark"] == 0  # policy cached
+    model = autotune.LeNet5()
+    model.load_state_dict(torch.load(saved, weights_only=True))
+    assert "batch  mode" in capsys.readouterr().out
