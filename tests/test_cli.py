@@ -161,3 +161,21 @@ def test_cache_write_failure_is_one_line(tmp_path):
     with pytest.raises(CacheWriteError, match="cannot write the cache"):
         Cache(blocker / "results").save(GemmProblem(m=2, n=2, k=2), "cpu", algorithm="blas", knobs={},
                                         kernel_hash="x", result={})
+
+
+def test_bench_remeasures_cached_shapes_against_torch(capsys, cache_dir):
+    assert run(capsys, "search", "conv2d", "--shape", "2x3x10x10", "--filters", "4x3x3", "--trials", "3",
+               "--cache-dir", str(cache_dir))[0] == 0
+    code, out, _ = run(capsys, "bench", "--rounds", "1", "--json", "--cache-dir", str(cache_dir))
+    data = json.loads(out)
+    assert code == 0 and len(data["rows"]) == 1
+    row = data["rows"][0]
+    assert row["torch_ms"] > 0 and row["chosen_ms"] > 0 and row["own_algorithm"] != "vendor"
+    assert row["torch_over_own"] == pytest.approx(row["torch_ms"] / row["own_ms"])
+    assert data["summary"]["shapes"] == 1
+    assert json.loads((cache_dir / "bench-cpu.json").read_text())["rows"][0]["problem"] == row["problem"]
+
+
+def test_bench_without_cached_shapes_says_what_to_do(capsys, cache_dir):
+    code, out, err = run(capsys, "bench", "--cache-dir", str(cache_dir))
+    assert code == 2 and "autotune search" in err and len(err.strip().splitlines()) == 1
