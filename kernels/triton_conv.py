@@ -82,6 +82,14 @@ def _reduction_slice(step, chunks, CH, R: tl.constexpr, S: tl.constexpr, BLOCK_K
 
 
 @triton.jit
+def _pixel_tile(pid, N, ROWS, COLS, BLOCK_M: tl.constexpr):
+    """Tile `pid` of the N·ROWS·COLS pixels in NCHW order: which are in range, and each one's
+    image, row and column."""
+    offs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    return offs < N * ROWS * COLS, offs // (ROWS * COLS), (offs // COLS) % ROWS, offs % COLS
+
+
+@triton.jit
 def _reduction_steps(CH, R: tl.constexpr, S: tl.constexpr, BLOCK_K: tl.constexpr,
                      LOOP_ORDER: tl.constexpr):
     chunks = tl.cdiv(CH, BLOCK_K)
@@ -102,13 +110,9 @@ def _conv_fwd_kernel(
     LOOP_ORDER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels (n, p, q)
+    m_ok, nb, p, q = _pixel_tile(tl.program_id(0), N, P, Q, BLOCK_M)  # output pixels (n, p, q)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # filters
-    m_ok = offs_m < N * P * Q
     n_ok = offs_n < K
-    nb = offs_m // (P * Q)
-    p = (offs_m // Q) % P
-    q = offs_m % Q
     x_pix = x_ptr + nb * sxn
     ih0 = p * STRIDE - PAD
     iw0 = q * STRIDE - PAD
@@ -141,13 +145,9 @@ def _conv_bwd_data_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     LOOP_ORDER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels (n, h, w)
+    m_ok, nb, h, w = _pixel_tile(tl.program_id(0), N, H, W, BLOCK_M)  # input pixels (n, h, w)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # channels
-    m_ok = offs_m < N * H * W
     n_ok = offs_n < C
-    nb = offs_m // (H * W)
-    h = (offs_m // W) % H
-    w = offs_m % W
     dy_pix = dy_ptr + nb * sdn
     steps, chunks = _reduction_steps(K, R, S, BLOCK_K, LOOP_ORDER)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
