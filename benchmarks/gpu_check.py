@@ -65,7 +65,7 @@ def check_problem(problem, evaluate, *, trials: int, timeout_s: float) -> dict:
     t0 = time.monotonic()
     result = tune(problem, device="cuda", trials=trials, timeout=timeout_s, evaluate=evaluate, seed=0)
     row = {"problem": problem_to_dict(problem), "describe": problem.describe(),
-           "trials": len(result.trials), "statuses": result.counts()}
+           "trials": sum(result.counts().values()), "statuses": result.counts()}
     own = result.best_own
     if own is not None:
         knobs = own.config.as_dict()
