@@ -153,31 +153,21 @@ def _default(problem: Problem, device: str, by_name: dict) -> Choice:
 
 def _benchmark(problem, device, specs, inputs, cache: Cache, entry) -> Choice:
     from autotune import measure
-    from autotune.reference import empty_output, make_inputs, reference
+    from autotune.reference import make_inputs, reference
 
     if inputs is None:
         inputs = make_inputs(problem, device=device)
     inputs = tuple(t.detach() for t in inputs)
     ref = reference(problem, inputs)
-    out = empty_output(problem, device=device)
     results = []
     for spec in specs:
         knobs = spec.default_config(problem).as_dict()
         if entry is not None and entry.algorithm == spec.algorithm:
             knobs = spec.full_knobs(problem, entry.knobs)
-        if spec.check(problem, knobs) is not None:
-            continue
-        try:
-            out.fill_(float("nan"))
-            result = spec.run(problem, knobs, inputs, out)
-        except Exception:  # noqa: BLE001 - a kernel that fails here is simply not chosen
-            continue
-        ok, _ = measure.verify(problem, result, ref, dtype=measure.precision_of(problem, knobs))
-        if not ok:
-            continue
-        m = measure.bench(lambda s=spec, k=knobs: s.run(problem, k, inputs, out), device=device,
-                          rep_ms=BENCHMARK_REP_MS)
-        results.append((m.median, spec, knobs, m))
+        outcome = measure.evaluate_on(problem, spec, knobs, inputs, ref, device=device,
+                                      rep_ms=BENCHMARK_REP_MS)
+        if outcome.status is measure.Status.OK:  # a kernel that fails here is simply not chosen
+            results.append((outcome.measurement.median, spec, knobs, outcome.measurement))
     if not results:
         return _default(problem, device, {s.algorithm: s for s in specs})
     median, spec, knobs, m = min(results, key=lambda r: r[0])

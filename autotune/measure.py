@@ -174,28 +174,27 @@ def precision_of(problem: Problem, knobs) -> str:
 
 def check_candidate(problem: Problem, spec, knobs, *, device: str, seed: int = 0) -> Outcome:
     """Verify only (no timing): OK, or why not. What the correctness tests assert on."""
-    return _run_verified(problem, spec, spec.full_knobs(problem, knobs), device, seed)[0]
+    return evaluate(problem, spec, knobs, device=device, seed=seed, timed=False)
 
 
 def evaluate(problem: Problem, spec, knobs, *, device: str, seed: int = 0,
-             rep_ms: float | None = None) -> Outcome:
-    """Verify `spec` with `knobs` on `problem`, then time it. Never raises for a bad candidate."""
-    knobs = spec.full_knobs(problem, knobs)
-    outcome, inputs, out = _run_verified(problem, spec, knobs, device, seed)
-    if outcome.status is not Status.OK:
-        return outcome
-    measurement = bench(lambda: spec.run(problem, knobs, inputs, out), device=device, rep_ms=rep_ms)
-    return Outcome(status=Status.OK, measurement=measurement, error=outcome.error)
+             rep_ms: float | None = None, timed: bool = True) -> Outcome:
+    """Verify `spec` with `knobs` on fresh random inputs, then time it. Never raises for a bad
+    candidate."""
+    inputs, ref = _inputs_and_reference(problem, device, seed)
+    return evaluate_on(problem, spec, spec.full_knobs(problem, knobs), inputs, ref, device=device,
+                       rep_ms=rep_ms, timed=timed)
 
 
-def _run_verified(problem: Problem, spec, knobs, device: str, seed: int):
-    """Check the config, run once on fresh inputs into a NaN-poisoned output, compare with the
-    float64 reference. Returns (outcome, inputs, out) so a caller can go on to time it."""
+def evaluate_on(problem: Problem, spec, knobs, inputs, ref, *, device: str,
+                rep_ms: float | None = None, timed: bool = True) -> Outcome:
+    """Check the config, run once on `inputs` into a NaN-poisoned output, compare with the float64
+    answer `ref`, then (if timed) time it on the same tensors. The dispatch `benchmark` policy
+    calls this on a layer's real tensors."""
     reason = spec.check(problem, knobs)
     if reason is not None:
-        return Outcome(status=Status.INVALID, message=reason), None, None
-    pristine, ref = _inputs_and_reference(problem, device, seed)
-    inputs = tuple(t.clone() for t in pristine)  # a kernel that writes its inputs spoils only its own copy
+        return Outcome(status=Status.INVALID, message=reason)
+    inputs = tuple(t.clone() for t in inputs)  # a kernel that writes its inputs spoils only its own copy
     out = empty_output(problem, device=device)
     out.fill_(float("nan"))
     try:
@@ -203,9 +202,12 @@ def _run_verified(problem: Problem, spec, knobs, device: str, seed: int):
         if device == "cuda":
             torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001 - any kernel failure is a trial result
-        return Outcome(status=classify_exception(exc), message=f"{type(exc).__name__}: {exc}"[:500]), None, None
+        return Outcome(status=classify_exception(exc), message=f"{type(exc).__name__}: {exc}"[:500])
     ok, error = verify(problem, result, ref, dtype=precision_of(problem, knobs))
     if not ok:
         return Outcome(status=Status.WRONG_ANSWER, error=error,
-                       message=f"max relative error {error:.2e} above tolerance"), None, None
-    return Outcome(status=Status.OK, error=error), inputs, out
+                       message=f"max relative error {error:.2e} above tolerance")
+    if not timed:
+        return Outcome(status=Status.OK, error=error)
+    measurement = bench(lambda: spec.run(problem, knobs, inputs, out), device=device, rep_ms=rep_ms)
+    return Outcome(status=Status.OK, measurement=measurement, error=error)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import statistics
 import warnings
@@ -271,8 +272,6 @@ def _outcomes_from(study: optuna.Study) -> dict[str, Outcome]:
 
 
 def _config_from_key(key: str) -> Config:
-    import json
-
     data = json.loads(key)
     return Config.make(data["algorithm"], data["knobs"])
 
