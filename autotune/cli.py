@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from autotune import device as devices
-from autotune.cache import CACHE_FILE, Cache, CacheWarning, default_dir
+from autotune.cache import Cache, CacheWarning, default_dir
 from autotune.errors import AutotuneError
 from autotune.problem import DTYPES, OPS, Problem, parse_problem
 from autotune.report import format_pairs, format_table, knobs_text, ms, ratio
@@ -352,4 +352,4 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"search": cmd_search, "show": cmd_show, "bench": cmd_bench, "cache": cmd_cache, "info": cmd_info}
 
-__all__ = ["main", "build_parser", "CACHE_FILE"]
+__all__ = ["main", "build_parser"]
