@@ -34,8 +34,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 if "$PY" -c "import pytest" 2>/dev/null; then
   # The Triton tests in full on CUDA (no interpreter), then every other test marked gpu.
   # Output goes to a file; only the summary is printed, so the table below stays visible.
-  timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_gemm.py \
-    tests/test_triton_conv.py >"$OUT/pytest_triton.txt" 2>&1
+  # Most of their time is Triton compiling one config per test on the CPU: pytest-xdist (on the
+  # GPU image) spreads that over the machine's cores.
+  parallel=()
+  "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 8)
+  timeout 200 "$PY" -m pytest -q -p no:cacheprovider -p no:benchmark "${parallel[@]}" --durations=10 \
+    tests/test_triton_gemm.py tests/test_triton_conv.py >"$OUT/pytest_triton.txt" 2>&1
   echo "pytest triton (cuda): exit $? -- $(tail -n 1 "$OUT/pytest_triton.txt")"
   timeout 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests \
     --ignore=tests/test_triton_gemm.py --ignore=tests/test_triton_conv.py >"$OUT/pytest_gpu.txt" 2>&1

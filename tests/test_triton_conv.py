@@ -112,7 +112,8 @@ def test_conv_correctness_through_measure_evaluate():
     (BWD_WEIGHT, {"split_k": 500}, "empty"),
     (DIRECT, {"BLOCK_ROWS": 3}, "power of two"),
     (DIRECT, {"BLOCK_FILTERS": 1, "BLOCK_ROWS": 1, "BLOCK_COLS": 4, "num_warps": 4}, "idle"),
-], ids=str)
+], ids=lambda v: f"{v.op}.{v.algorithm}" if hasattr(v, "algorithm") else str(v))
+# (ids must not hold object addresses: pytest-xdist's workers must collect identical names.)
 def test_check_rejects_with_a_reason(spec, change, words):
     problem = Conv2dProblem(n=4, c=3, h=32, w=32, k=6, r=5, s=5).with_op(spec.op)
     reason = spec.check(problem, spec.full_knobs(problem, change))
