@@ -16,30 +16,21 @@ from pathlib import Path
 
 from autotune import measure
 from autotune.cache import Cache
+from autotune.decision import search
+from autotune.entry import Entry
 from autotune.errors import AutotuneError
-from autotune.problem import Conv2dProblem, GemmProblem, Problem, problem_from_dict
+from autotune.problem import Problem
 from autotune.reference import empty_output, make_inputs
 from autotune.report import format_table, ms
 
-# (C, H, W, K, R, S, padding) of LeNet's convolutions, plus the 3-channel CIFAR-size variant the
-# seed's lab also uses; (in, out) of its fully connected layers.
-LENET_CONVS = ((1, 28, 28, 6, 5, 5, 2), (3, 32, 32, 6, 5, 5, 0), (6, 14, 14, 16, 5, 5, 0))
-LENET_FCS = ((400, 120), (120, 84), (84, 10))
-
 
 def lenet_suite(batches: list[int], dtype: str = "float32") -> list[Problem]:
-    problems: list[Problem] = []
-    for n in batches:
-        for c, h, w, k, r, s, pad in LENET_CONVS:
-            for op in ("conv2d", "conv2d_bwd_data", "conv2d_bwd_weight"):
-                problems.append(Conv2dProblem(op=op, n=n, c=c, h=h, w=w, k=k, r=r, s=s, padding=pad, dtype=dtype))
-        for fan_in, fan_out in LENET_FCS:
-            problems += [
-                GemmProblem(m=n, n=fan_out, k=fan_in, trans_b=True, dtype=dtype),  # forward x·Wᵀ
-                GemmProblem(m=n, n=fan_in, k=fan_out, dtype=dtype),  # grad input dY·W
-                GemmProblem(m=fan_out, n=fan_in, k=n, trans_a=True, dtype=dtype),  # grad weight dYᵀ·X
-            ]
-    return problems
+    """The problems of a LeNet training step at each batch size (autotune.lenet: one description
+    of LeNet's layers, shared with `autotune search lenet` and the training example)."""
+    from autotune.lenet import lenet_problems
+    from autotune.reference import torch_dtype
+
+    return [problem for n in batches for problem in lenet_problems(n, torch_dtype(dtype))]
 
 
 def _parse_batches(text: str) -> list[int]:
@@ -56,23 +47,23 @@ def _cached_problems(cache: Cache, device: str) -> list[Problem]:
     from autotune import device as devices
 
     fp = devices.fingerprint(device)
-    problems = []
-    for record in cache.entries().values():
-        if isinstance(record, dict) and record.get("device") == fp:
-            try:
-                problems.append(problem_from_dict(record["problem"]))
-            except (AutotuneError, KeyError, TypeError):
-                continue
-    return problems
+    return [entry.problem for entry in cache.entries().values() if entry.device == fp]
 
 
 def run_bench(args) -> int:
+    if args.trials <= 0 or args.rounds <= 0:
+        raise AutotuneError("--trials and --rounds must be positive")
+    if args.threads is not None and args.threads <= 0:
+        raise AutotuneError(f"--threads must be a positive integer, got {args.threads}")
+    with measure.pinned_threads(args.threads if args.device == "cpu" else None):
+        return _bench(args)
+
+
+def _bench(args) -> int:
     from tqdm.auto import tqdm
 
     import kernels
 
-    if args.trials <= 0 or args.rounds <= 0:
-        raise AutotuneError("--trials and --rounds must be positive")
     cache = Cache(args.cache_dir)
     if args.suite == "lenet":
         problems = lenet_suite(_parse_batches(args.batches))
@@ -85,8 +76,8 @@ def run_bench(args) -> int:
     with tqdm(total=len(problems), desc="bench", unit="shape", disable=args.json) as bar:
         for problem in problems:
             specs = kernels.kernels_for(problem, args.device)
-            record = _ensure_tuned(args, cache, problem, specs)
-            rows.append(_measure_row(problem, specs, record, args.device, args.rounds))
+            entry = search(problem, device=args.device, cache=cache, trials=args.trials, specs=specs)
+            rows.append(_measure_row(problem, specs, entry, args.device, args.rounds))
             bar.update(1)
     summary = _summarize(rows)
     output = args.output or (args.cache_dir / f"bench-{args.device}.json")
@@ -106,30 +97,16 @@ def run_bench(args) -> int:
     return 0
 
 
-def _ensure_tuned(args, cache: Cache, problem: Problem, specs) -> dict:
-    hashes = {s.algorithm: s.source_hash for s in specs}
-    entry = cache.find(problem, args.device, hashes)
-    if entry is None:
-        from autotune.dispatch import save_result
-        from autotune.tuner import tune
-
-        result = tune(problem, device=args.device, trials=args.trials, specs=specs)
-        if result.best is None:
-            raise AutotuneError(f"no candidate passed verification for {problem.describe()}")
-        save_result(cache, result, args.device)
-        entry = cache.find(problem, args.device, hashes)
-    return entry.record
-
-
-def _measure_row(problem: Problem, specs, record: dict, device: str, rounds: int) -> dict:
+def _measure_row(problem: Problem, specs, entry: Entry, device: str, rounds: int) -> dict:
     by_name = {s.algorithm: s for s in specs}
-    own = record.get("best_own") or (record if record["algorithm"] != "vendor" else None)
+    own = entry.best_own
+
     def full(algorithm: str, knobs: dict) -> tuple[str, dict]:
         return algorithm, by_name[algorithm].full_knobs(problem, knobs)
 
-    wanted = {"torch": full("vendor", {}), "chosen": full(record["algorithm"], record["knobs"])}
-    if own is not None and own["algorithm"] in by_name:
-        wanted["own"] = full(own["algorithm"], own["knobs"])
+    wanted = {"torch": full("vendor", {}), "chosen": full(entry.algorithm, entry.knobs)}
+    if own is not None and own.algorithm in by_name:
+        wanted["own"] = full(own.algorithm, own.knobs)
     # The chosen config is usually torch's or our best one: time each distinct config once, so
     # a config is never compared with itself (which would only measure noise).
     alias = {}
@@ -154,12 +131,13 @@ def _measure_row(problem: Problem, specs, record: dict, device: str, rounds: int
     chosen_over_torch = med["chosen"] / med["torch"]
     return {
         "problem": problem.describe(),
-        "own_algorithm": own["algorithm"] if own else None,
-        "own_knobs": own["knobs"] if own else None,
+        "own_algorithm": own.algorithm if own else None,
+        "own_knobs": own.knobs if own else None,
         "own_ms": med.get("own"),
         "torch_ms": med["torch"],
         "torch_over_own": med["torch"] / med["own"] if "own" in med else None,
-        "chosen": record["algorithm"],
+        "chosen": entry.algorithm,
+        "trustworthy": entry.trustworthy,
         "chosen_ms": med["chosen"],
         "chosen_over_torch": chosen_over_torch,
         "noise": max(noise["chosen"], noise["torch"]),

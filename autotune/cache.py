@@ -11,21 +11,23 @@ deleted) before the next write.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
 
+from autotune.entry import Entry, EntryFormatError
 from autotune.errors import CacheWriteError
 from autotune.problem import Problem, problem_to_dict
 
-SCHEMA_VERSION = 1
+# 2: typed Entry records (kernel_hashes, threads, trustworthy, best_own as an object).
+SCHEMA_VERSION = 2
 CACHE_FILE = "autotune_cache.json"
 FORMAT = "kernel-autotune cache"
 
@@ -49,22 +51,6 @@ def entry_key(problem: Problem, fingerprint: dict, versions: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-@dataclass(frozen=True, kw_only=True)
-class Entry:
-    """A cached winner. `record` is the JSON object as stored."""
-
-    key: str
-    record: dict
-
-    @property
-    def algorithm(self) -> str:
-        return self.record["algorithm"]
-
-    @property
-    def knobs(self) -> dict:
-        return self.record["knobs"]
-
-
 class Cache:
     def __init__(self, directory: Path | str | None = None):
         self.dir = Path(directory) if directory is not None else default_dir()
@@ -72,36 +58,44 @@ class Cache:
         self._lock_path = self.dir / (CACHE_FILE + ".lock")
 
     # Reading -----------------------------------------------------------------------------
-    def entries(self) -> dict[str, dict]:
-        """All entries on disk; {} (with a warning) when the file is missing or unusable."""
+    def entries(self) -> dict[str, Entry]:
+        """Every well-formed entry on disk, by key; a malformed one is skipped with one warning
+        (it is a miss, never a TypeError later); {} when the file is missing or unusable."""
         data = self._read()
-        return data["entries"] if data else {}
+        if not data:
+            return {}
+        good, bad = {}, []
+        for key, record in data["entries"].items():
+            try:
+                good[key] = Entry.from_dict(record)
+            except EntryFormatError as exc:
+                bad.append(f"{key[:8]}: {exc}")
+        if bad:
+            warnings.warn(f"{self.path}: skipped {len(bad)} malformed entr{'y' if len(bad) == 1 else 'ies'} "
+                          f"({bad[0]}{'; ...' if len(bad) > 1 else ''}); re-run the search to replace "
+                          f"{'it' if len(bad) == 1 else 'them'}", CacheWarning, stacklevel=3)
+        return good
 
     def find(self, problem: Problem, device_kind: str, source_hashes: dict[str, str]) -> Entry | None:
-        """lookup() for this machine's fingerprint and library versions."""
+        """lookup() for this machine's fingerprint (thread count included) and library versions."""
         from autotune import device
 
         return self.lookup(problem, device.fingerprint(device_kind), device.versions(), source_hashes)
 
-    def save(self, problem: Problem, device_kind: str, **fields) -> Entry:
-        """store() for this machine's fingerprint and library versions."""
-        from autotune import device
-
-        return self.store(problem, device.fingerprint(device_kind), device.versions(), **fields)
-
     def lookup(self, problem: Problem, fingerprint: dict, versions: dict,
                source_hashes: dict[str, str]) -> Entry | None:
-        """The entry for this problem on this machine, if its kernel's code is unchanged.
+        """The entry for this problem on this machine, if no kernel it compared has changed.
 
-        source_hashes maps algorithm -> current source hash of its kernel module.
+        source_hashes maps algorithm -> current source hash of its kernel module; an entry whose
+        chosen algorithm is missing there (not registered, or left out by --algorithms) misses.
         """
-        key = entry_key(problem, fingerprint, versions)
-        record = self.entries().get(key)
-        if not isinstance(record, dict) or not _well_formed(record):
+        entry = self.entries().get(entry_key(problem, fingerprint, versions))
+        if entry is None or entry.algorithm not in source_hashes:
             return None
-        if source_hashes.get(record["algorithm"]) != record["kernel_hash"]:
-            return None
-        return Entry(key=key, record=record)
+        for algorithm, stored in entry.kernel_hashes.items():
+            if algorithm in source_hashes and source_hashes[algorithm] != stored:
+                return None
+        return dataclasses.replace(entry, from_cache=True)
 
     def _read(self) -> dict | None:
         try:
@@ -129,22 +123,18 @@ class Cache:
         return data
 
     # Writing -----------------------------------------------------------------------------
-    def store(self, problem: Problem, fingerprint: dict, versions: dict, *, algorithm: str,
-              knobs: dict, kernel_hash: str, result: dict) -> Entry:
-        """Merge one winner into the file under the lock; atomic replace."""
-        key = entry_key(problem, fingerprint, versions)
-        record = {
-            "op": problem.op,
-            "problem": problem_to_dict(problem),
-            "dtype": problem.dtype,
-            "device": fingerprint,
-            "versions": versions,
-            "kernel_hash": kernel_hash,
-            "algorithm": algorithm,
-            "knobs": knobs,
-            **result,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+    def store(self, entry: Entry) -> str:
+        """Merge one entry into the file under the lock (atomic replace); returns its key.
+
+        Only trustworthy timings are cached: an untrustworthy entry is refused here too, so no
+        caller can write one by mistake.
+        """
+        if not entry.trustworthy:
+            raise ValueError("an untrustworthy timing is never cached")
+        key = entry_key(entry.problem, entry.device, entry.versions)
+        record = entry.as_dict()
+        if not record["created"]:
+            record["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             with FileLock(str(self._lock_path)):
@@ -157,12 +147,13 @@ class Cache:
         except OSError as exc:
             raise CacheWriteError(f"cannot write the cache {self.path}: {exc.strerror or exc}; "
                                   "fix its permissions or pass another --cache-dir") from None
-        return Entry(key=key, record=record)
+        return key
 
     def clear(self) -> int:
         """Remove every entry; returns how many there were."""
         with FileLock(str(self._lock_path)):
-            count = len(self.entries())
+            data = self._read()
+            count = len(data["entries"]) if data else 0
             if self.path.exists():
                 self._atomic_write({"format": FORMAT, "schema_version": SCHEMA_VERSION, "entries": {}})
         return count
@@ -188,9 +179,3 @@ class Cache:
             raise
 
 
-def _well_formed(record: dict) -> bool:
-    return (
-        isinstance(record.get("algorithm"), str)
-        and isinstance(record.get("knobs"), dict)
-        and isinstance(record.get("kernel_hash"), str)
-    )

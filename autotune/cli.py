@@ -51,6 +51,13 @@ def _shape_options(parser: argparse.ArgumentParser) -> None:
                         help="float32/float64 on the CPU; float16/bfloat16 where the backend has them")
 
 
+def _threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch's CPU threads while timing (default: torch's own choice); part of "
+                        "the cache key, so training must run with the same count to use the result. "
+                        "1 gives steady timings on a busy machine")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autotune", description=(
         "Tune convolution and GEMM kernels on this machine with Optuna, check every candidate "
@@ -75,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "so an interrupted search resumes)")
     search.add_argument("--algorithms", help="comma-separated algorithms to consider (default: all)")
     search.add_argument("--force", action="store_true", help="re-tune even if the shape is cached")
+    _threads_option(search)
     _common(search)
 
     show = sub.add_parser("show", help="print the cache as a table")
@@ -83,14 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="tuned vs torch, ratio per shape (re-measured now)",
                            description="Re-time cached winners against torch's own op on the same "
-                           "inputs in the same run. --suite lenet tunes and times the LeNet layer "
-                           "shapes (conv 1->6 28x28 pad 2, 3->6 32x32, 6->16 14x14; fc 400-120-84-10; "
-                           "forward and backward) at each --batches size.")
+                           "inputs in the same run. --suite lenet tunes and times every problem of a "
+                           "LeNet training step (autotune.lenet_problems: conv 1->6 28x28 pad 2, 6->16 "
+                           "14x14; fc 400-120-84-10; forward and both gradients) at each --batches size.")
     bench.add_argument("--suite", choices=("cache", "lenet"), default="cache",
                        help="cache: every cached shape of this device (default); lenet: the LeNet suite")
     bench.add_argument("--batches", default="1,16,64,256", help="batch sizes for --suite lenet")
     bench.add_argument("--trials", type=int, default=16, help="tuning budget for uncached shapes")
     bench.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per shape")
+    _threads_option(bench)
     bench.add_argument("--output", type=Path, help="write the figures as JSON here "
                        "(default: <cache-dir>/bench-<device>.json)")
     _common(bench)
@@ -137,6 +146,8 @@ def _problem_from_args(args) -> Problem:
 def _check_search_args(args) -> None:
     if args.trials <= 0:
         raise AutotuneError(f"--trials must be a positive integer, got {args.trials}")
+    if args.threads is not None and args.threads <= 0:
+        raise AutotuneError(f"--threads must be a positive integer, got {args.threads}")
     if args.timeout is not None and args.timeout <= 0:
         raise AutotuneError(f"--timeout must be positive seconds, got {args.timeout}")
 
@@ -176,24 +187,15 @@ def cmd_search(args) -> int:
     problem = _problem_from_args(args)
     specs = _specs_for(problem, args.device, args.algorithms)
     cache = Cache(args.cache_dir)
-    entry = None if args.force else cache.find(problem, args.device, _hashes(specs))
-    if entry is not None:
-        _print_result(args, problem, entry.record, cache, from_cache=True)
-        return 0
-    result = _tune(args, problem, specs, progress=not args.json)
-    if result.best is None:
-        counts = ", ".join(f"{k} {v}" for k, v in result.counts().items())
-        raise AutotuneError(f"no candidate passed verification ({counts}); nothing was cached")
-    from autotune.dispatch import save_result
-
-    save_result(cache, result, args.device)
-    record = cache.find(problem, args.device, _hashes(specs)).record
-    _print_result(args, problem, record, cache, from_cache=False)
+    entry = _search(args, cache, problem, specs, progress=not args.json)
+    _print_result(args, entry, cache)
     return 0
 
 
-def _tune(args, problem: Problem, specs, progress):
-    from autotune.tuner import tune
+def _search(args, cache: Cache, problem: Problem, specs, progress):
+    """autotune.search with the command line's options; the Optuna study lives next to the cache
+    (sqlite), so an interrupted search resumes."""
+    from autotune.decision import search
 
     storage = args.storage
     if storage is None:
@@ -202,46 +204,52 @@ def _tune(args, problem: Problem, specs, progress):
         except OSError as exc:
             raise AutotuneError(f"cannot create --cache-dir {args.cache_dir}: {exc.strerror or exc}") from None
         storage = f"sqlite:///{(args.cache_dir / STUDIES_FILE).resolve()}"
-    return tune(problem, device=args.device, trials=args.trials, timeout=args.timeout,
-                sampler=args.sampler, storage=storage, seed=args.seed, specs=specs,
-                progress=progress, fresh=args.force,
-                study_name=f"{problem.key()}|{args.device}|{args.sampler}|{args.seed}")
+    entry = search(problem, device=args.device, cache=cache, trials=args.trials, timeout=args.timeout,
+                   sampler=args.sampler, storage=storage, seed=args.seed, specs=specs, progress=progress,
+                   force=args.force, threads=args.threads,
+                   study_name=f"{problem.key()}|{args.device}|{args.sampler}|{args.seed}")
+    if not entry.trustworthy:
+        warnings.warn(f"{problem.describe()}: timing not trustworthy: {entry.reason}; nothing was cached",
+                      stacklevel=2)
+    return entry
 
 
-def _hashes(specs) -> dict[str, str]:
-    return {s.algorithm: s.source_hash for s in specs}
+def _entry_json(entry, cache: Cache) -> dict:
+    data = entry.as_dict()
+    keep = ("problem", "algorithm", "knobs", "median_ms", "p20_ms", "p80_ms", "vendor_ms", "best_own",
+            "trials", "threads", "trustworthy", "reason", "source")
+    return {**{k: data[k] for k in keep}, "from_cache": entry.from_cache,
+            "cached": entry.trustworthy, "cache": str(cache.path)}
 
 
-def _print_result(args, problem: Problem, record: dict, cache: Cache, *, from_cache: bool) -> None:
+def _print_result(args, entry, cache: Cache) -> None:
     if args.json:
-        print(json.dumps({"problem": record["problem"], "from_cache": from_cache, "cache": str(cache.path),
-                          **{k: record.get(k) for k in ("algorithm", "knobs", "median_ms", "p20_ms", "p80_ms",
-                                                        "vendor_ms", "trials", "best_own")}}, indent=1))
+        print(json.dumps(_entry_json(entry, cache), indent=1))
         return
-    own = record.get("best_own") or {}
     rows = [
-        ("problem", problem.describe()),
-        ("best", f"{record['algorithm']}  {knobs_text(record['knobs'])}"),
-        ("time (median)", f"{ms(record.get('median_ms'))} ms  (p20 {ms(record.get('p20_ms'))}, "
-                          f"p80 {ms(record.get('p80_ms'))})"),
-        ("torch (vendor)", f"{ms(record.get('vendor_ms'))} ms"),
-        ("torch / best", ratio(record.get("vendor_ms"), record.get("median_ms"))),
+        ("problem", entry.problem.describe()),
+        ("device", devices.label(entry.device)),
+        ("chosen", f"{entry.algorithm}  {knobs_text(entry.knobs)}"),
+        ("why", entry.reason),
+        ("time (median)", f"{ms(entry.median_ms)} ms  (p20 {ms(entry.p20_ms)}, p80 {ms(entry.p80_ms)})"),
+        ("torch (vendor)", f"{ms(entry.vendor_ms)} ms"),
     ]
-    if own:
-        rows.append(("best own kernel", f"{own['algorithm']}  {knobs_text(own['knobs'])}  "
-                                        f"{ms(own['median_ms'])} ms  "
-                                        f"(torch / own {ratio(record.get('vendor_ms'), own['median_ms'])})"))
-    trials = record.get("trials") or {}
-    if trials:
-        rows.append(("trials", ", ".join(f"{k} {v}" for k, v in trials.items())))
-    rows.append(("cached in", f"{cache.path}" + ("  (answered from the cache, no tuning)" if from_cache else "")))
+    own = entry.best_own
+    if own is not None:
+        rows.append(("best own kernel", f"{own.algorithm}  {knobs_text(own.knobs)}  {ms(own.median_ms)} ms  "
+                                        f"(torch / own {ratio(entry.vendor_ms, own.median_ms)})"))
+    if entry.trials:
+        rows.append(("trials", ", ".join(f"{k} {v}" for k, v in entry.trials.items())))
+    rows.append(("trustworthy", "yes" if entry.trustworthy else "NO (not cached)"))
+    if entry.trustworthy:
+        rows.append(("cached in", f"{cache.path}" + ("  (answered from the cache, no tuning)"
+                                                     if entry.from_cache else "")))
     print(format_pairs(rows))
 
 
 def _search_lenet(args) -> int:
     from tqdm.auto import tqdm
 
-    from autotune.dispatch import save_result
     from autotune.lenet import lenet_problems
     from autotune.reference import torch_dtype
 
@@ -250,62 +258,39 @@ def _search_lenet(args) -> int:
         raise AutotuneError(f"--batch must be positive, got {batch}")
     problems = lenet_problems(batch, torch_dtype(args.dtype))
     cache = Cache(args.cache_dir)
-    plan = []
-    for problem in problems:
-        specs = _specs_for(problem, args.device, args.algorithms)
-        hit = None if args.force else cache.find(problem, args.device, _hashes(specs))
-        plan.append((problem, specs, hit))
-    todo = [p for p in plan if p[2] is None]
-    budget = sum(min(args.trials, sum(s.space.size() for s in specs)) for _, specs, _ in todo)
-    rows, records = [], []
+    plan = [(problem, _specs_for(problem, args.device, args.algorithms)) for problem in problems]
+    budget = sum(min(args.trials, sum(s.space.size() for s in specs)) for _, specs in plan)
+    entries = []
     with tqdm(total=budget, desc=f"tuning LeNet batch {batch}", unit="cfg", disable=args.json) as bar:
-        for problem, specs, hit in plan:
-            from_cache = hit is not None
-            if hit is None:
-                bar.set_description(f"{problem.op} {problem.describe().split(' ', 2)[1]}")
-                result = _tune(args, problem, specs, progress=bar)
-                if result.best is None:
-                    raise AutotuneError(f"no candidate passed verification for {problem.describe()}")
-                save_result(cache, result, args.device)
-                hit = cache.find(problem, args.device, _hashes(specs))
-            record = hit.record
-            records.append({"problem": record["problem"], "algorithm": record["algorithm"],
-                            "knobs": record["knobs"], "median_ms": record.get("median_ms"),
-                            "vendor_ms": record.get("vendor_ms"), "from_cache": from_cache})
-            rows.append((problem.describe(), record["algorithm"], knobs_text(record["knobs"]),
-                         ms(record.get("median_ms")), ms(record.get("vendor_ms")),
-                         ratio(record.get("vendor_ms"), record.get("median_ms"))))
+        for problem, specs in plan:
+            bar.set_description(f"{problem.op} {problem.describe().split(' ', 2)[1]}")
+            entries.append(_search(args, cache, problem, specs, progress=bar))
     if args.json:
-        print(json.dumps({"batch": batch, "layers": records, "cache": str(cache.path)}, indent=1))
-    else:
-        print(format_table(("problem", "algorithm", "knobs", "ms", "torch ms", "torch/best"), rows))
-        print(f"cached in {cache.path}")
+        print(json.dumps({"batch": batch, "layers": [_entry_json(e, cache) for e in entries],
+                          "cache": str(cache.path)}, indent=1))
+        return 0
+    print(format_table(("problem", "chosen", "knobs", "ms", "torch ms", "torch/chosen", "trusted"),
+                       [(e.problem.describe(), e.algorithm, knobs_text(e.knobs), ms(e.median_ms),
+                         ms(e.vendor_ms), ratio(e.vendor_ms, e.median_ms),
+                         "yes" if e.trustworthy else "NO") for e in entries]))
+    print(f"cached in {cache.path}")
     return 0
 
 
 # show / cache / info ----------------------------------------------------------------------------
 def cmd_show(args) -> int:
     cache = Cache(args.cache_dir)
-    entries = [e for e in cache.entries().values() if isinstance(e, dict) and (not args.op or e.get("op") == args.op)]
+    entries = [e for e in cache.entries().values() if not args.op or e.op == args.op]
+    entries.sort(key=lambda e: (e.op, e.problem.describe(), devices.label(e.device)))
     if args.json:
-        print(json.dumps({"cache": str(cache.path), "entries": entries}, indent=1))
+        print(json.dumps({"cache": str(cache.path), "entries": [e.as_dict() for e in entries]}, indent=1))
         return 0
     if not entries:
         print(f"no cached results in {cache.path}" + (f" for {args.op}" if args.op else ""))
         return 0
-    rows = []
-    for e in sorted(entries, key=lambda e: (e.get("op", ""), json.dumps(e.get("problem"), sort_keys=True))):
-        try:
-            from autotune.problem import problem_from_dict
-
-            desc = problem_from_dict(e["problem"]).describe()
-        except (AutotuneError, KeyError, TypeError):
-            desc = str(e.get("problem"))
-        device = e.get("device", {})
-        rows.append((desc, device.get("gpu") or device.get("kind", "?"), e.get("algorithm"),
-                     knobs_text(e.get("knobs") or {}), ms(e.get("median_ms")), ms(e.get("vendor_ms")),
-                     ratio(e.get("vendor_ms"), e.get("median_ms")), e.get("source", "")))
-    print(format_table(("problem", "device", "algorithm", "knobs", "ms", "torch ms", "torch/best", "source"), rows))
+    rows = [(e.problem.describe(), devices.label(e.device), e.algorithm, knobs_text(e.knobs), ms(e.median_ms),
+             ms(e.vendor_ms), ratio(e.vendor_ms, e.median_ms), e.source) for e in entries]
+    print(format_table(("problem", "device", "runs", "knobs", "ms", "torch ms", "torch/chosen", "source"), rows))
     print(f"{len(rows)} entries in {cache.path}")
     return 0
 

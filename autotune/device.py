@@ -64,9 +64,25 @@ def threads() -> int:
     return torch.get_num_threads()
 
 
-@cache
 def fingerprint(kind: str) -> dict[str, str | int]:
-    """The hardware a result was measured on. Changing any field invalidates cached results."""
+    """The hardware a result was measured on. Changing any field invalidates cached results.
+
+    On the CPU it includes torch's thread count at the time of the call: a kernel tuned against
+    torch on 2 threads is not the right choice on 1 (and `autotune show` prints it).
+    """
+    return _fingerprint(kind, threads() if kind == "cpu" else 0)
+
+
+def label(fp: dict) -> str:
+    """A fingerprint in a few words, e.g. 'cpu 2 threads' or 'NVIDIA H200'."""
+    if fp.get("kind") == "cuda":
+        return str(fp.get("gpu", "cuda"))
+    count = fp.get("threads")
+    return f"cpu {count} thread{'s' if count != 1 else ''}" if count else "cpu"
+
+
+@cache
+def _fingerprint(kind: str, thread_count: int) -> dict[str, str | int]:
     if kind == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return {
@@ -80,7 +96,7 @@ def fingerprint(kind: str) -> dict[str, str | int]:
         "kind": "cpu",
         "cpu": _cpu_model(),
         "cores": os.cpu_count() or 1,
-        "threads": threads(),
+        "threads": thread_count,
         "blas": _blas(),
     }
 

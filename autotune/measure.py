@@ -9,12 +9,13 @@ millisecond budget and reports the median and the 20th/80th percentiles. GPU tim
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +140,45 @@ def _summarize(times: list[float]) -> Measurement:
     times = sorted(times)
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
     return Measurement(median=statistics.median(times), p20=q[1], p80=q[7], n=len(times))
+
+
+# The noise guard. Two measurements of the same config agree when their medians differ by less
+# than this factor, widened by their own spread (a config that jitters by ±30% may move that much).
+# Seen on the 2-core dev machine with the other core busy: torch's 2-thread OpenMP op measured
+# 0.7-0.9 ms during a search and 24 ms in the final re-timing (a whole scheduler slice per call).
+AGREE_FACTOR = 1.5
+# A timing more than this many times another of the same config is impossible, whatever its spread.
+IMPOSSIBLE_FACTOR = 10.0
+# Differences below this are never a disagreement: microsecond kernels jitter by more than 1.5x on
+# a shared machine, and a gap this small is less than a layer call costs (decision.LAYER_OVERHEAD_MS),
+# so it cannot turn a decision.
+AGREE_ABS_MS = 0.02
+
+
+def agree(a: Measurement, b: Measurement) -> bool:
+    """Whether two timings of one config tell the same story (see AGREE_FACTOR)."""
+    lo, hi = sorted((a.median, b.median))
+    if hi - lo <= AGREE_ABS_MS:
+        return True
+    if lo <= 0:
+        return False
+    allowed = min(IMPOSSIBLE_FACTOR, AGREE_FACTOR + 3 * max(a.spread(), b.spread()))
+    return hi / lo <= allowed
+
+
+@contextlib.contextmanager
+def pinned_threads(count: int | None) -> Iterator[int]:
+    """torch's CPU thread count fixed to `count` (None: leave it) for the block; yields the count
+    in force. NumPy's OpenBLAS runs on one thread whenever our NumPy kernels are loaded (see the
+    registry), so torch's pool is the one to pin."""
+    before = torch.get_num_threads()
+    if count is not None and count != before:
+        torch.set_num_threads(count)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def clearly_faster(ours: Measurement, theirs: Measurement) -> bool:

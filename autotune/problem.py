@@ -195,7 +195,10 @@ def problem_from_dict(data: dict) -> Problem:
     unknown = set(data) - names
     if unknown:
         raise ShapeError(f"unknown problem fields {sorted(unknown)}")
-    return cls(**data)
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a missing field, or a value of the wrong type inside validate()
+        raise ShapeError(f"malformed problem: {exc}") from None
 
 
 def _stable_key(problem: Problem) -> str:

@@ -15,15 +15,15 @@ import contextlib
 import functools
 import json
 import math
-import statistics
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import optuna
 
 from autotune import measure
+from autotune.confirm import Candidate, Evaluate, confirm
 from autotune.errors import AutotuneError, UnknownNameError
 from autotune.measure import Measurement, Outcome, Status
 from autotune.problem import Problem
@@ -32,19 +32,6 @@ from autotune.space import Config, Param
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 VENDOR = "vendor"
 CANDIDATE_TIMEOUT_S = 60.0  # a GPU candidate that takes longer is recorded as a timeout
-CONFIRM_ROUNDS = 3  # interleaved re-timing rounds of the finalists at the end of a search
-
-Evaluate = Callable[[Problem, object, dict], Outcome]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Candidate:
-    config: Config
-    measurement: Measurement
-
-    @property
-    def algorithm(self) -> str:
-        return self.config.algorithm
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,18 +39,32 @@ class TrialRecord:
     number: int
     config: Config
     status: Status
-    median_ms: float | None
+    measurement: Measurement | None = None
     message: str = ""
+
+    @property
+    def median_ms(self) -> float | None:
+        return self.measurement.median if self.measurement else None
 
 
 @dataclass(frozen=True, kw_only=True)
 class TuneResult:
+    """What a search measured. Which one a layer should run is decided by autotune.search."""
+
     problem: Problem
-    best: Candidate | None  # the overall winner, vendor included
     best_own: Candidate | None  # the best of our own kernels
     vendor: Candidate | None  # torch's op, measured in the same run
     trials: tuple[TrialRecord, ...] = field(default=())
     study_name: str = ""
+    # The noise guard: False when the finalists' re-timing kept disagreeing with the search.
+    trustworthy: bool = True
+    distrust: str = ""  # why not, in words
+
+    @property
+    def best(self) -> Candidate | None:
+        """The fastest confirmed candidate, torch's op included (by time alone)."""
+        found = [c for c in (self.best_own, self.vendor) if c is not None]
+        return min(found, key=lambda c: c.measurement.median) if found else None
 
     def counts(self) -> dict[str, int]:
         """Distinct configs by status (a config proposed twice was measured once)."""
@@ -284,7 +285,7 @@ def _result(problem, study, by_name, evaluate, confirm_top, device) -> TuneResul
         m = t.user_attrs.get("measurement")
         records.append(TrialRecord(number=t.number, config=_config_from_key(t.user_attrs["config"]),
                                    status=Status(t.user_attrs["status"]),
-                                   median_ms=m["median_ms"] if m else None,
+                                   measurement=Measurement.from_dict(m) if m else None,
                                    message=t.user_attrs.get("message", "")))
     ok = {}
     for rec in records:
@@ -293,39 +294,18 @@ def _result(problem, study, by_name, evaluate, confirm_top, device) -> TuneResul
     ranked = sorted(ok.values(), key=lambda r: r.median_ms)
     own = [r for r in ranked if r.config.algorithm != VENDOR][: max(confirm_top, 1)]
     vendor = [r for r in ranked if r.config.algorithm == VENDOR][:1]
+    distrust = ""
     if confirm_top > 0:
-        confirmed = _confirm(problem, own + vendor, by_name, evaluate)
+        confirmed, distrust = confirm([Candidate(config=r.config, measurement=r.measurement)
+                                       for r in own + vendor], problem, by_name, evaluate)
     else:
-        confirmed = [Candidate(config=r.config, measurement=Measurement(
-            median=r.median_ms, p20=r.median_ms, p80=r.median_ms, n=1)) for r in own + vendor]
+        confirmed = [Candidate(config=r.config, measurement=r.measurement) for r in own + vendor]
     confirmed.sort(key=lambda c: c.measurement.median)
-    best_own = next((c for c in confirmed if c.algorithm != VENDOR), None)
-    vendor_c = next((c for c in confirmed if c.algorithm == VENDOR), None)
-    # A tie goes to the vendor, so a tuned choice is never slower than torch's op beyond noise.
-    best = best_own
-    if vendor_c is not None and (best_own is None or not measure.clearly_faster(best_own.measurement, vendor_c.measurement)):
-        best = vendor_c
-    return TuneResult(problem=problem, best=best, best_own=best_own,
-                      vendor=vendor_c, trials=tuple(records), study_name=study.study_name)
-
-
-def _confirm(problem, finalists, by_name, evaluate) -> list[Candidate]:
-    """Re-time the finalists in interleaved rounds, so a slow spell of a shared machine hits
-    them alike and no winner is a lucky sample; each keeps the median over rounds."""
-    samples: dict[str, list[Measurement]] = {r.config.key(): [] for r in finalists}
-    for _ in range(CONFIRM_ROUNDS):
-        for rec in finalists:
-            outcome = evaluate(problem, by_name[rec.config.algorithm], rec.config.as_dict())
-            if outcome.status is Status.OK:
-                samples[rec.config.key()].append(outcome.measurement)
-    confirmed = []
-    for rec in finalists:
-        ms = samples[rec.config.key()]
-        if len(ms) == CONFIRM_ROUNDS:  # a candidate that fails once is not trusted
-            confirmed.append(Candidate(config=rec.config, measurement=Measurement(
-                median=statistics.median(m.median for m in ms), p20=statistics.median(m.p20 for m in ms),
-                p80=statistics.median(m.p80 for m in ms), n=sum(m.n for m in ms))))
-    return confirmed
+    return TuneResult(problem=problem,
+                      best_own=next((c for c in confirmed if c.algorithm != VENDOR), None),
+                      vendor=next((c for c in confirmed if c.algorithm == VENDOR), None),
+                      trials=tuple(records), study_name=study.study_name,
+                      trustworthy=not distrust, distrust=distrust)
 
 
 def _progress_bar(problem: Problem, total: int, done: int):

@@ -26,11 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from autotune.lenet import lenet_problems  # noqa: E402
 from autotune.problem import CONV_OPS, Conv2dProblem, GemmProblem, problem_to_dict  # noqa: E402
-
-# (c, h, w, k, r, s, padding) of LeNet's convolutions: conv1 on 28x28 MNIST with padding 2, the
-# classic 3x32x32 variant, conv2.
-LENET = [(1, 28, 28, 6, 5, 5, 2), (3, 32, 32, 6, 5, 5, 0), (6, 14, 14, 16, 5, 5, 0)]
 
 
 def shapes(lenet_batches=(64, 256)) -> list:
@@ -38,10 +35,8 @@ def shapes(lenet_batches=(64, 256)) -> list:
     problems = [GemmProblem(m=s, n=s, k=s, dtype=d) for s in (1024, 4096) for d in ("float16", "float32")]
     resnet = Conv2dProblem(n=32, c=64, h=56, w=56, k=64, r=3, s=3, padding=1)
     problems += [resnet.with_op(op) for op in CONV_OPS]
-    for batch in lenet_batches:
-        for c, h, w, k, r, s, pad in LENET:
-            layer = Conv2dProblem(n=batch, c=c, h=h, w=w, k=k, r=r, s=s, padding=pad)
-            problems += [layer.with_op(op) for op in CONV_OPS]
+    for batch in lenet_batches:  # LeNet's convolutions, as a training step runs them
+        problems += [p for p in lenet_problems(batch) if p.op in CONV_OPS]
     return problems
 
 

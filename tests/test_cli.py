@@ -26,7 +26,7 @@ def test_search_then_answer_from_cache(capsys, cache_dir):
             "--trials", "4", "--cache-dir", str(cache_dir)]
     code, out, _ = run(capsys, *argv)
     assert code == 0
-    for label in ("best", "torch (vendor)", "torch / best", "trials", "cached in"):
+    for label in ("chosen", "why", "torch (vendor)", "trials", "trustworthy", "cached in"):
         assert label in out
     assert (cache_dir / "autotune_cache.json").exists() and (cache_dir / "studies.db").exists()
     code, out, _ = run(capsys, *argv, "--json")
@@ -158,9 +158,13 @@ def test_cache_write_failure_is_one_line(tmp_path):
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
+    from autotune.entry import Entry
+
+    entry = Entry(problem=GemmProblem(m=2, n=2, k=2), device={"kind": "cpu"}, versions={}, algorithm="blas",
+                  knobs={}, kernel_hashes={"blas": "x"}, median_ms=1.0, p20_ms=1.0, p80_ms=1.0, vendor_ms=None,
+                  best_own=None, trials={}, threads=1, trustworthy=True)
     with pytest.raises(CacheWriteError, match="cannot write the cache"):
-        Cache(blocker / "results").save(GemmProblem(m=2, n=2, k=2), "cpu", algorithm="blas", knobs={},
-                                        kernel_hash="x", result={})
+        Cache(blocker / "results").store(entry)
 
 
 def test_bench_remeasures_cached_shapes_against_torch(capsys, cache_dir):
