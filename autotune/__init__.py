@@ -8,6 +8,7 @@ shape, and pick them per layer at run time.
         train(model)
 
 Importing autotune does not import optuna: `autotune.tune` loads it on first use.
+Kernel modules (ours in kernels/, or your own) list `autotune.KernelSpec`s; see autotune/registry.py.
 """
 
 from autotune.cache import Cache
@@ -16,6 +17,7 @@ from autotune.errors import AutotuneError
 from autotune.lenet import LeNet5, lenet_problems
 from autotune.nn import Conv2d, Linear, conv2d, linear, patch
 from autotune.problem import Conv2dProblem, GemmProblem, parse_problem
+from autotune.registry import KernelSpec
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,7 @@ __all__ = [
     "Conv2d",
     "Conv2dProblem",
     "GemmProblem",
+    "KernelSpec",
     "LeNet5",
     "Linear",
     "chosen",

@@ -14,7 +14,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from autotune import measure
+from autotune import measure, registry
 from autotune.cache import Cache
 from autotune.errors import AutotuneError
 from autotune.problem import Conv2dProblem, GemmProblem, Problem, problem_from_dict
@@ -69,8 +69,6 @@ def _cached_problems(cache: Cache, device: str) -> list[Problem]:
 def run_bench(args) -> int:
     from tqdm.auto import tqdm
 
-    import kernels
-
     if args.trials <= 0 or args.rounds <= 0:
         raise AutotuneError("--trials and --rounds must be positive")
     cache = Cache(args.cache_dir)
@@ -84,7 +82,7 @@ def run_bench(args) -> int:
     rows = []
     with tqdm(total=len(problems), desc="bench", unit="shape", disable=args.json) as bar:
         for problem in problems:
-            specs = kernels.kernels_for(problem, args.device)
+            specs = registry.kernels_for(problem, args.device)
             record = _ensure_tuned(args, cache, problem, specs)
             rows.append(_measure_row(problem, specs, record, args.device, args.rounds))
             bar.update(1)

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 
+from autotune import registry
 from autotune.cache import Cache
 from autotune.errors import CacheWriteError, UnknownNameError
 from autotune.problem import Problem
+from autotune.registry import KernelSpec
 
 POLICIES = ("cached", "benchmark", "tune")
 TUNE_TRIALS = 12  # the "tune" policy's budget per shape: a short search, it runs inside training
@@ -35,7 +37,7 @@ LAYER_OVERHEAD_MS = 0.02
 
 @dataclass(frozen=True, kw_only=True)
 class Choice:
-    spec: object  # kernels.KernelSpec
+    spec: KernelSpec
     knobs: dict
     source: str  # "cache", "benchmark", "tune" or "default"
     median_ms: float | None = None
@@ -113,9 +115,7 @@ def select(problem: Problem, device: str, inputs: Sequence[torch.Tensor] | None 
 
 
 def _select_slow(problem: Problem, device: str, inputs) -> Choice:
-    import kernels
-
-    specs = kernels.kernels_for(problem, device)
+    specs = registry.kernels_for(problem, device)
     cache = Cache(_state.cache_dir)
     entry = cache.find(problem, device, {s.algorithm: s.source_hash for s in specs})
     by_name = {s.algorithm: s for s in specs}
@@ -214,9 +214,7 @@ def _summary(best, vendor, source: str) -> dict:
 
 def save_result(cache: Cache, result, device: str, *, source: str = "search") -> None:
     """Write a TuneResult's winner to the cache (the CLI's search and the tune policy)."""
-    import kernels
-
-    spec = kernels.get(result.problem.op, result.best.algorithm, device)
+    spec = registry.get(result.problem.op, result.best.algorithm, device)
     vendor = result.vendor.measurement if result.vendor else None
     summary = _summary(result.best.measurement, vendor, source)
     summary["trials"] = result.counts()

@@ -84,9 +84,9 @@ def test_importing_autotune_does_not_import_optuna():
     (0.100, 0.500, "im2col_gemm"),
 ])
 def test_cached_winner_must_save_more_than_the_layer_overhead(tmp_path, ours_ms, vendor_ms, expected):
-    import kernels
+    from autotune import registry
 
-    spec = kernels.get("conv2d", "im2col_gemm", "cpu")
+    spec = registry.get("conv2d", "im2col_gemm", "cpu")
     Cache(tmp_path).save(PROBLEM, "cpu", algorithm="im2col_gemm", knobs=spec.default_config(PROBLEM).as_dict(),
                          kernel_hash=spec.source_hash, result={"median_ms": ours_ms, "vendor_ms": vendor_ms})
     with autotune.policy("cached", cache_dir=tmp_path):

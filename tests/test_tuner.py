@@ -2,12 +2,12 @@
 
 import pytest
 
+from autotune import KernelSpec
 from autotune.errors import UnknownNameError
 from autotune.measure import Measurement, Outcome, Status
 from autotune.problem import Conv2dProblem, GemmProblem
 from autotune.space import Param, Space
 from autotune.tuner import CONFIRM_ROUNDS, tune
-from kernels import KernelSpec
 
 PROBLEM = GemmProblem(m=8, n=8, k=8)
 
