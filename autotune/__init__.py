@@ -3,19 +3,24 @@ shape, and pick them per layer at run time.
 
     import autotune
     y = autotune.conv2d(x, w, b, stride=1, padding=2)   # autograd-enabled, dispatched per shape
+    entry = autotune.search(autotune.parse_problem("conv2d", "3x32x32"))  # cached, or tune + store
     model = autotune.patch(model)                        # nn.Conv2d / nn.Linear -> tuned modules
     with autotune.policy("benchmark"):                   # like cudnn.benchmark, but persistent
         train(model)
 
 Importing autotune does not import optuna: `autotune.tune` loads it on first use.
+Kernel modules (ours in kernels/, or your own) list `autotune.KernelSpec`s; see autotune/registry.py.
 """
 
 from autotune.cache import Cache
+from autotune.decision import search
 from autotune.dispatch import chosen, get_policy, policy, reset, select, set_policy, stats
+from autotune.entry import Entry
 from autotune.errors import AutotuneError
 from autotune.lenet import LeNet5, lenet_problems
 from autotune.nn import Conv2d, Linear, conv2d, linear, patch
 from autotune.problem import Conv2dProblem, GemmProblem, parse_problem
+from autotune.registry import KernelSpec
 
 __version__ = "0.1.0"
 
@@ -24,7 +29,9 @@ __all__ = [
     "Cache",
     "Conv2d",
     "Conv2dProblem",
+    "Entry",
     "GemmProblem",
+    "KernelSpec",
     "LeNet5",
     "Linear",
     "chosen",
@@ -36,6 +43,7 @@ __all__ = [
     "patch",
     "policy",
     "reset",
+    "search",
     "select",
     "set_policy",
     "stats",

@@ -14,7 +14,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from autotune import measure
+from autotune import measure, registry
 from autotune.cache import Cache
 from autotune.decision import search
 from autotune.entry import Entry
@@ -62,8 +62,6 @@ def run_bench(args) -> int:
 def _bench(args) -> int:
     from tqdm.auto import tqdm
 
-    import kernels
-
     cache = Cache(args.cache_dir)
     if args.suite == "lenet":
         problems = lenet_suite(_parse_batches(args.batches))
@@ -75,7 +73,7 @@ def _bench(args) -> int:
     rows = []
     with tqdm(total=len(problems), desc="bench", unit="shape", disable=args.json) as bar:
         for problem in problems:
-            specs = kernels.kernels_for(problem, args.device)
+            specs = registry.kernels_for(problem, args.device)
             entry = search(problem, device=args.device, cache=cache, trials=args.trials, specs=specs)
             rows.append(_measure_row(problem, specs, entry, args.device, args.rounds))
             bar.update(1)

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from autotune import device as devices
+from autotune import registry
 from autotune.cache import Cache, CacheWarning, default_dir
 from autotune.errors import AutotuneError
 from autotune.problem import DTYPES, OPS, Problem, parse_problem
@@ -153,9 +154,7 @@ def _check_search_args(args) -> None:
 
 
 def _specs_for(problem: Problem, device: str, algorithms: str | None):
-    import kernels
-
-    specs = kernels.kernels_for(problem, device)
+    specs = registry.kernels_for(problem, device)
     if not specs:
         raise AutotuneError(f"no registered kernel supports {problem.describe()} on {device}")
     if algorithms:
@@ -163,7 +162,7 @@ def _specs_for(problem: Problem, device: str, algorithms: str | None):
         known = {s.algorithm for s in specs}
         for name in wanted:
             if name not in known:
-                kernels.get(problem.op, name, device)  # unknown names raise with the known list
+                registry.get(problem.op, name, device)  # unknown names raise with the known list
                 raise AutotuneError(f"algorithm {name!r} does not support {problem.describe()}")
         specs = [s for s in specs if s.algorithm in wanted]
     return specs
@@ -306,9 +305,7 @@ def cmd_cache(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import kernels
-
-    specs = kernels.load(kernels.available_backends(args.device))
+    specs = registry.load(registry.available_backends(args.device))
     info = {
         "device": args.device,
         "fingerprint": devices.fingerprint(args.device),

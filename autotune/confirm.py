@@ -1,11 +1,11 @@
 """The noise guard: re-time the finalists of a search before anything is decided or cached.
 
 Finalists are re-timed in interleaved rounds, so a slow spell of a shared machine hits them
-alike and no winner is a lucky sample. Each re-timing must agree (measure.agree) with an earlier
-timing of the same config; when it does not, the finalists are re-timed again, and the new timing
-must agree with one of the earlier ones: two independent timings that agree outvote one slow
-spell. Otherwise the machine was too busy to tell, and the result is untrustworthy: reported with
-the reason, never cached.
+alike and no winner is a lucky sample. The re-timing of every finalist must agree (measure.agree)
+with the search's own timing of that config; when one does not, the finalists are re-timed once
+more. If a re-timing still disagrees, the machine was too busy to tell which timing is true (two
+slow re-timings agreeing with each other prove nothing: a stall can last), and the result is
+untrustworthy: reported with the reason, never cached.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ def confirm(finalists: Sequence[Candidate], problem: Problem, by_name: dict, eva
             ) -> tuple[list[Candidate], str]:
     """(re-timed finalists, "" or why the timings cannot be trusted). `finalists` carry the
     search's own timing of each config; by_name maps algorithm -> KernelSpec."""
-    earlier = [{c.config.key(): c.measurement for c in finalists}]
+    searched = {c.config.key(): c.measurement for c in finalists}
+    earlier = [searched]
     confirmed: list[Candidate] = []
     disagreeing: list[Candidate] = []
     for _ in range(1 + RETIME_ATTEMPTS):
         confirmed = _retime(finalists, problem, by_name, evaluate)
-        disagreeing = [c for c in confirmed
-                       if not any(measure.agree(c.measurement, past[c.config.key()]) for past in earlier)]
+        disagreeing = [c for c in confirmed if not measure.agree(c.measurement, searched[c.config.key()])]
         if not disagreeing:
             return confirmed, ""
         earlier.append({c.config.key(): c.measurement for c in confirmed})

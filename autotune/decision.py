@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from autotune import device as devices
-from autotune import measure
+from autotune import measure, registry
 from autotune.cache import Cache
 from autotune.confirm import Candidate, confirm
 from autotune.entry import VENDOR, Entry, OwnKernel
@@ -137,9 +137,7 @@ def _store(cache: Cache, entry: Entry, unwritable_ok: bool) -> None:
 
 def _specs(problem: Problem, device: str, specs: Sequence | None) -> list:
     if specs is None:
-        import kernels
-
-        specs = kernels.kernels_for(problem, device)
+        specs = registry.kernels_for(problem, device)
     if not specs:
         raise UnknownNameError(f"no registered kernel supports {problem.describe()} on {device}")
     return list(specs)

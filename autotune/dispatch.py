@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from autotune import registry
 from autotune.cache import Cache
 from autotune.errors import AutotuneError, UnknownNameError
 from autotune.problem import Problem
@@ -111,9 +112,7 @@ def select(problem: Problem, device: str, inputs: Sequence[torch.Tensor] | None 
 def _select_slow(problem: Problem, device: str, inputs) -> Choice:
     """Follow the cached entry; on a miss, the policy's way to one (every way goes through
     autotune.decision, so the choice here is exactly what `autotune show` prints)."""
-    import kernels
-
-    specs = kernels.kernels_for(problem, device)
+    specs = registry.kernels_for(problem, device)
     by_name = {s.algorithm: s for s in specs}
     cache = Cache(_state.cache_dir)
     entry = cache.find(problem, device, {s.algorithm: s.source_hash for s in specs})

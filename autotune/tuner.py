@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import optuna
 
-from autotune import measure
+from autotune import measure, registry
 from autotune.confirm import Candidate, Evaluate, confirm
 from autotune.errors import AutotuneError, UnknownNameError
 from autotune.measure import Measurement, Outcome, Status
@@ -147,9 +147,7 @@ def tune(
     sample; our kernel is chosen over the vendor only when faster beyond the noise.
     """
     if specs is None:
-        import kernels
-
-        specs = kernels.kernels_for(problem, device)
+        specs = registry.kernels_for(problem, device)
     if not specs:
         raise UnknownNameError(f"no kernel supports {problem.describe()} on {device}")
     with contextlib.ExitStack() as stack:

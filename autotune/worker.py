@@ -27,6 +27,7 @@ import multiprocessing
 import time
 from collections.abc import Sequence
 
+from autotune import registry
 from autotune.measure import Outcome, Status
 from autotune.problem import Problem, problem_from_dict, problem_to_dict
 
@@ -51,9 +52,7 @@ def _find_spec(op: str, algorithm: str, device: str, kernel_modules: Sequence[st
         for spec in importlib.import_module(name).KERNELS:
             if spec.op == op and spec.algorithm == algorithm:
                 return spec
-    import kernels
-
-    return kernels.get(op, algorithm, device)
+    return registry.get(op, algorithm, device)
 
 
 def _evaluate_request(request: dict, device: str, kernel_modules: Sequence[str], options: dict) -> dict:
@@ -71,8 +70,6 @@ def _evaluate_request(request: dict, device: str, kernel_modules: Sequence[str],
 def _serve(conn, device: str, kernel_modules: list[str], options: dict) -> None:
     """Worker main loop: one JSON request in, one JSON outcome out, until told to stop."""
     import torch  # noqa: F401 - import (and on a GPU, create the context) before saying ready
-
-    import kernels  # noqa: F401
 
     if device == "cuda":
         torch.cuda.init()

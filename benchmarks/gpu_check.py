@@ -42,12 +42,12 @@ def shapes(lenet_batches=(64, 256)) -> list:
 
 def torch_time(problem, tf32: bool):
     """torch's op on fresh inputs: cuDNN autotuned (benchmark=True), TF32 as the Triton winner."""
-    import kernels
+    from autotune import registry
     from autotune.measure import bench
     from autotune.reference import empty_output, make_inputs
 
     torch.backends.cudnn.benchmark = True
-    spec = kernels.get(problem.op, "vendor", "cuda")
+    spec = registry.get(problem.op, "vendor", "cuda")
     inputs = make_inputs(problem, device="cuda")
     out = empty_output(problem, device="cuda")
     knobs = {"allow_tf32": tf32}

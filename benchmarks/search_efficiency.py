@@ -39,8 +39,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import kernels
-from autotune import device, measure
+from autotune import device, measure, registry
 from autotune.measure import Outcome, Status
 from autotune.problem import GemmProblem, problem_to_dict
 from autotune.space import Config
@@ -254,11 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     problem = QUICK if args.quick else FULL
-    spec = kernels.get("gemm", "blocked", "cpu")
+    spec = registry.get("gemm", "blocked", "cpu")
     table_path, report_path = output_paths(args.quick)
     table = measure_table(problem, spec, rep_ms=args.rep_ms, path=table_path, remeasure=args.remeasure)
     # The library's one-call matmul, for scale: the blocked kernel can at best match it.
-    blas = measure.evaluate(problem, kernels.get("gemm", "blas", "cpu"), {}, device="cpu")
+    blas = measure.evaluate(problem, registry.get("gemm", "blas", "cpu"), {}, device="cpu")
     budget = max(1, round(args.budget_fraction * spec.space.size()))
     exhaustive = exhaustive_summary(problem, spec, table, blas.measurement.median, budget)
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import as_strided
 
-from kernels import KernelSpec
+from autotune.registry import KernelSpec
 
 # ---------------------------------------------------------------------------------------------
 # Geometry and layout helpers

@@ -16,7 +16,7 @@ import itertools
 
 import numpy as np
 
-from kernels import KernelSpec
+from autotune.registry import KernelSpec
 
 DTYPES = ("float32", "float64")
 LOOP_ORDERS = ("mnk", "mkn", "nmk", "nkm", "kmn", "knm")

@@ -22,7 +22,7 @@ multiple of the stride. Those are masks on the gather (no zero-inserted copy of 
 that with stride s only 1/s² of the loaded tile is non-zero.
 
 bwd_weight reduces over N·P·Q, which is long while the output (K x C·R·S) is small, so it takes
-`split_k` like kernels/triton_gemm.py: float32 partial tiles, then a deterministic sum pass.
+`split_k` like kernels/triton_gemm.py (helpers in kernels/triton_tiles.py): float32 partial tiles, then a deterministic sum pass.
 
 `direct` does no tl.dot: each program holds a BLOCK_FILTERS x (BLOCK_ROWS x BLOCK_COLS) output
 block and adds outer products weight[filters] x input[pixels] for every (channel, r, s). It suits
@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from autotune.problem import Conv2dProblem
-from kernels import KernelSpec
-from kernels.triton_gemm import (
+from autotune.registry import KernelSpec
+from kernels.triton_tiles import (
     DTYPES,
     INPUT_PRECISIONS,
     check_dot_tile,

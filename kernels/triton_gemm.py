@@ -27,25 +27,25 @@ forward x·Wᵀ, grad input dY·W and grad weight dYᵀ·X all run on the tensor
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from autotune.problem import GemmProblem
-from kernels import KernelSpec
+from autotune.registry import KernelSpec
+from kernels.triton_tiles import (
+    DTYPES,
+    INPUT_PRECISIONS,
+    MIN_DOT,
+    check_dot_tile,
+    dot_precision,
+    k_per_split,
+    pow2_at_least,
+    require_device,
+    split_k_reduce,
+)
 
-DTYPES = ("float32", "float16", "bfloat16")
 PROGRAM_ORDERS = ("row_major", "column_major")
-INPUT_PRECISIONS = ("ieee", "tf32")
-MIN_DOT = 16  # tl.dot's smallest tile edge
-WARPS = (1, 2, 4, 8, 16)
-# Fallback when torch cannot tell: an H100's opt-in shared memory per block (227 KiB).
-DEFAULT_SHARED_MEMORY = 227 * 1024
-# An accumulator above this many float32 registers per thread spills to local memory.
-MAX_ACC_REGISTERS = 128
-REDUCE_BLOCK = 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,114 +108,6 @@ def _gemm_kernel(
         acc = tl.maximum(acc, 0.0)
     c = c_ptr + split * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
-
-@triton.jit
-def _split_k_reduce_kernel(
-    ws_ptr, c_ptr, bias_ptr, M, N, stride_cm, stride_cn,
-    SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
-):
-    """Second split-K pass: C = epilogue(sum of the SPLIT_K float32 partial results)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < M * N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLIT_K):
-        acc += tl.load(ws_ptr + s * M * N + offs, mask=inside, other=0.0)
-    row = offs // N
-    col = offs % N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + col, mask=inside, other=0.0).to(tl.float32)
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    tl.store(c_ptr + row * stride_cm + col * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=inside)
-
-
-# ---------------------------------------------------------------------------------------------
-# Launch helpers (shared with kernels/triton_conv.py)
-
-
-def is_interpreted(kernel) -> bool:
-    return type(kernel).__name__ == "InterpretedFunction"
-
-
-def require_device(kernel, tensor: torch.Tensor) -> None:
-    """A CPU tensor only works with the interpreter, which must be chosen before the import."""
-    if tensor.device.type != "cuda" and not is_interpreted(kernel):
-        raise RuntimeError(
-            "Triton kernels need CUDA tensors; to run them on the CPU set TRITON_INTERPRET=1 "
-            "before kernels.triton_* is imported"
-        )
-
-
-def dot_precision(dtype: torch.dtype, knobs) -> str:
-    """tf32 only means something for float32 inputs; other dtypes always pass 'ieee'."""
-    return str(knobs.get("input_precision", "ieee")) if dtype == torch.float32 else "ieee"
-
-
-def split_k_reduce(workspace: torch.Tensor, out2d: torch.Tensor, bias=None, relu=False) -> None:
-    """Sum a contiguous (split, M, N) float32 workspace into the 2-D view `out2d`."""
-    split, m, n = workspace.shape
-    grid = (triton.cdiv(m * n, REDUCE_BLOCK),)
-    _split_k_reduce_kernel[grid](
-        workspace, out2d, bias if bias is not None else workspace, m, n,
-        out2d.stride(0), out2d.stride(1),
-        SPLIT_K=split, BLOCK=REDUCE_BLOCK, HAS_BIAS=bias is not None, RELU=relu,
-    )
-
-
-def k_per_split(k: int, split_k: int, block_k: int) -> int:
-    """Reduction length per split, a whole number of BLOCK_K steps."""
-    return triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-
-
-@functools.cache
-def shared_memory_limit() -> int:
-    """Bytes of shared memory one program may use on this GPU."""
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        limit = getattr(props, "shared_memory_per_block_optin", 0)
-        if limit:
-            return int(limit)
-    return DEFAULT_SHARED_MEMORY
-
-
-def element_size(dtype: str) -> int:
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
-
-
-def check_dot_tile(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
-                   dtype: str) -> str | None:
-    """Constraints every tl.dot kernel shares: tile minimum, warps, registers, shared memory."""
-    for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k)):
-        if value < MIN_DOT or value & (value - 1):
-            return f"{name}={value}: tl.dot needs a power of two >= {MIN_DOT}"
-    reason = check_warps(block_m * block_n, num_warps)
-    if reason:
-        return reason
-    if num_stages < 1:
-        return f"num_stages={num_stages} must be >= 1"
-    smem = num_stages * (block_m + block_n) * block_k * element_size(dtype)
-    limit = shared_memory_limit()
-    if smem > limit:
-        return (f"needs ~{smem // 1024} KiB shared memory ({num_stages} stages of "
-                f"{block_m}x{block_k} + {block_k}x{block_n}), the device has {limit // 1024} KiB")
-    return None
-
-
-def check_warps(tile_elements: int, num_warps: int) -> str | None:
-    """Warps caps: each warp owns at least one 16x16 MMA tile; accumulators fit in registers."""
-    if num_warps not in WARPS:
-        return f"num_warps={num_warps} must be one of {WARPS}"
-    if tile_elements < num_warps * 256:
-        return f"num_warps={num_warps} is too many for a {tile_elements}-element tile (idle warps)"
-    if tile_elements > num_warps * 32 * MAX_ACC_REGISTERS:
-        return (f"a {tile_elements}-element tile needs more than {MAX_ACC_REGISTERS} accumulator "
-                f"registers per thread with num_warps={num_warps} (spills)")
-    return None
-
-
-def pow2_at_least(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
 # ---------------------------------------------------------------------------------------------

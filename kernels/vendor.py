@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import KernelSpec
+from autotune.registry import KernelSpec
 
 
 def _geometry(problem):

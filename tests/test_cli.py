@@ -88,17 +88,17 @@ def test_bad_input_is_one_line_exit_2_nothing_written(capsys, cache_dir, argv, m
 
 
 def test_unreadable_search_space_file(capsys, cache_dir, tmp_path, monkeypatch):
-    import kernels
+    from autotune import registry
 
     spaces = tmp_path / "spaces"
     spaces.mkdir()
     (spaces / "numpy_conv.toml").write_text("[conv2d.im2col_gemm\n")
     monkeypatch.setenv("AUTOTUNE_SEARCH_SPACES", str(spaces))
-    kernels._load_module.cache_clear()
+    registry._load_module.cache_clear()
     try:
         code, out, err = run(capsys, "search", "conv2d", "--shape", "3x32x32", "--cache-dir", str(cache_dir))
     finally:
-        kernels._load_module.cache_clear()
+        registry._load_module.cache_clear()
     assert code == 2 and "not valid TOML" in err and len(err.strip().splitlines()) == 1
     assert not cache_dir.exists()
 

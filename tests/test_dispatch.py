@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import autotune
-from autotune import dispatch
+from autotune import dispatch, registry
 from autotune.cache import Cache
 from autotune.problem import Conv2dProblem, GemmProblem
 
@@ -83,11 +83,10 @@ def test_importing_autotune_does_not_import_optuna():
 def test_dispatch_follows_the_cached_entry(tmp_path, algorithm):
     """The decision is the entry's (made once, by autotune.decision); dispatch does not re-decide,
     so `autotune show` tells exactly what training runs."""
-    import kernels
     from autotune import device
     from autotune.entry import Entry
 
-    specs = kernels.kernels_for(PROBLEM, "cpu")
+    specs = registry.kernels_for(PROBLEM, "cpu")
     spec = next(s for s in specs if s.algorithm == algorithm)
     Cache(tmp_path).store(Entry(
         problem=PROBLEM, device=device.fingerprint("cpu"), versions=device.versions(), algorithm=algorithm,

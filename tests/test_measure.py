@@ -1,8 +1,8 @@
 import torch
 
+from autotune import KernelSpec
 from autotune.measure import Status, bench_cpu, evaluate, tolerance, verify
 from autotune.problem import GemmProblem
-from kernels import KernelSpec
 
 PROBLEM = GemmProblem(m=16, n=12, k=20)
 

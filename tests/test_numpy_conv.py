@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+from autotune import registry
 from autotune.measure import verify
 from autotune.problem import CONV_OPS, Conv2dProblem
 from autotune.reference import empty_output, make_inputs, reference
 
-SPECS = [spec for spec in kernels.load(("numpy",)) if spec.module == "numpy_conv"]
+SPECS = [spec for spec in registry.load(("numpy",)) if spec.module == "numpy_conv"]
 SPEC_IDS = [f"{spec.op}-{spec.algorithm}" for spec in SPECS]
 
 # (n, c, h, w, k, r, s, stride, padding, dilation): odd sizes, non-square filters, and every
@@ -124,7 +124,7 @@ def test_ragged_chunks_correctness(spec):
 
 def test_wrong_answer_is_detected_correctness():
     """The harness above can fail: a kernel that skips one image is caught."""
-    spec = kernels.get("conv2d", "im2col_gemm", "cpu")
+    spec = registry.get("conv2d", "im2col_gemm", "cpu")
     problem = Conv2dProblem(op="conv2d", **PLAIN)
     inputs = make_inputs(problem)
     out = empty_output(problem)
@@ -147,7 +147,7 @@ def test_every_algorithm_supports_the_plain_case(op):
     ("conv2d_bwd_weight", "per_tap"), ("conv2d_bwd_weight", "fft"),
 ])
 def test_stride_one_algorithms_refuse_strides(op, algorithm):
-    spec = kernels.get(op, algorithm, "cpu")
+    spec = registry.get(op, algorithm, "cpu")
     reason = spec.supports(Conv2dProblem(op=op, stride=2, **PLAIN))
     assert isinstance(reason, str) and "stride" in reason
 
@@ -171,7 +171,7 @@ def test_stride_one_algorithms_refuse_strides(op, algorithm):
     ("conv2d_bwd_weight", "per_tap", {"col_chunk": "big"}, 1, "col_chunk"),
 ])
 def test_check_rejects_invalid_configs(op, algorithm, knobs, stride, words):
-    spec = kernels.get(op, algorithm, "cpu")
+    spec = registry.get(op, algorithm, "cpu")
     problem = Conv2dProblem(op=op, stride=stride, **PLAIN)
     reason = spec.check(problem, spec.full_knobs(problem, knobs))
     assert isinstance(reason, str) and words in reason
@@ -179,6 +179,6 @@ def test_check_rejects_invalid_configs(op, algorithm, knobs, stride, words):
 
 def test_bwd_data_transpose_runs_stride_one_so_wide_is_valid_for_strides():
     """direct_transpose's inner conv is always stride 1, so its wide layout stays valid."""
-    spec = kernels.get("conv2d_bwd_data", "direct_transpose", "cpu")
+    spec = registry.get("conv2d_bwd_data", "direct_transpose", "cpu")
     problem = Conv2dProblem(op="conv2d_bwd_data", stride=2, **PLAIN)
     assert spec.check(problem, spec.full_knobs(problem, {"layout": "wide"})) is None

@@ -6,7 +6,7 @@ import tracemalloc
 
 import pytest
 
-import kernels
+from autotune import registry
 from autotune.measure import Status, evaluate, verify
 from autotune.problem import GemmProblem
 from autotune.reference import empty_output, make_inputs, reference
@@ -20,11 +20,11 @@ RAGGED_TILES = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=8)
 
 
 def blocked():
-    return kernels.get("gemm", "blocked", "cpu")
+    return registry.get("gemm", "blocked", "cpu")
 
 
 def blas():
-    return kernels.get("gemm", "blas", "cpu")
+    return registry.get("gemm", "blas", "cpu")
 
 
 def run_and_verify(spec, problem, knobs, seed=0):
@@ -138,7 +138,7 @@ def test_numpy_gemm_refuses_half_precision(dtype):
     problem = GemmProblem(m=8, n=8, k=8, dtype=dtype)
     for spec in (blocked(), blas()):
         assert spec.supports(problem) is not None
-    assert {s.algorithm for s in kernels.kernels_for(problem, "cpu")}.isdisjoint({"blocked", "blas"})
+    assert {s.algorithm for s in registry.kernels_for(problem, "cpu")}.isdisjoint({"blocked", "blas"})
 
 
 def test_blocked_space_is_large_and_every_knob_has_a_default():
@@ -153,5 +153,5 @@ def test_blocked_space_is_large_and_every_knob_has_a_default():
 
 
 def test_blocked_and_blas_are_registered_for_cpu_gemm():
-    names = {s.algorithm for s in kernels.kernels_for(GemmProblem(m=64, n=64, k=64), "cpu")}
+    names = {s.algorithm for s in registry.kernels_for(GemmProblem(m=64, n=64, k=64), "cpu")}
     assert {"blocked", "blas"} <= names

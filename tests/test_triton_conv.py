@@ -16,11 +16,11 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
+from autotune import registry  # noqa: E402
 from autotune.measure import Status, check_candidate, evaluate  # noqa: E402
 from autotune.problem import Conv2dProblem  # noqa: E402
 from kernels import triton_conv  # noqa: E402
-from kernels.triton_gemm import is_interpreted  # noqa: E402
+from kernels.triton_tiles import is_interpreted  # noqa: E402
 
 if DEVICE == "cpu" and not is_interpreted(triton_conv._conv_fwd_kernel):
     pytest.skip("kernels.triton_conv was imported before TRITON_INTERPRET=1 was set",
@@ -28,10 +28,10 @@ if DEVICE == "cpu" and not is_interpreted(triton_conv._conv_fwd_kernel):
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-FWD = kernels.get("conv2d", "implicit_gemm", "cuda")
-DIRECT = kernels.get("conv2d", "direct", "cuda")
-BWD_DATA = kernels.get("conv2d_bwd_data", "implicit_gemm", "cuda")
-BWD_WEIGHT = kernels.get("conv2d_bwd_weight", "implicit_gemm", "cuda")
+FWD = registry.get("conv2d", "implicit_gemm", "cuda")
+DIRECT = registry.get("conv2d", "direct", "cuda")
+BWD_DATA = registry.get("conv2d_bwd_data", "implicit_gemm", "cuda")
+BWD_WEIGHT = registry.get("conv2d_bwd_weight", "implicit_gemm", "cuda")
 DOT_SMALL = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 2}
 
 # Tiny shapes, each exercising part of the geometry: plain; stride + padding; dilation + padding

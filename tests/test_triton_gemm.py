@@ -16,17 +16,17 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
+from autotune import registry  # noqa: E402
 from autotune.measure import Status, check_candidate, evaluate  # noqa: E402
 from autotune.problem import GemmProblem  # noqa: E402
-from kernels import triton_gemm  # noqa: E402
+from kernels import triton_gemm, triton_tiles  # noqa: E402
 
-if DEVICE == "cpu" and not triton_gemm.is_interpreted(triton_gemm._gemm_kernel):
+if DEVICE == "cpu" and not triton_tiles.is_interpreted(triton_gemm._gemm_kernel):
     pytest.skip("kernels.triton_gemm was imported before TRITON_INTERPRET=1 was set",
                 allow_module_level=True)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-SPEC = kernels.get("gemm", "tiled", "cuda")
+SPEC = registry.get("gemm", "tiled", "cuda")
 # Small tiles so that tiny matrices still have several tiles in every direction.
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 2}
 

@@ -7,9 +7,9 @@ from autotune.decision import decide
 from autotune.errors import UnknownNameError
 from autotune.measure import Measurement, Outcome, Status
 from autotune.problem import Conv2dProblem, GemmProblem
+from autotune.registry import KernelSpec
 from autotune.space import Param, Space
 from autotune.tuner import tune
-from kernels import KernelSpec
 
 PROBLEM = GemmProblem(m=8, n=8, k=8)
 

@@ -35,9 +35,9 @@ def test_normal_candidate_is_ok_and_timed(evaluator):
 
 
 def test_registry_spec_object_is_accepted(evaluator):
-    import kernels
+    from autotune import registry
 
-    outcome = evaluator(PROBLEM, kernels.get("gemm", "vendor", "cpu"), {})
+    outcome = evaluator(PROBLEM, registry.get("gemm", "vendor", "cpu"), {})
     assert outcome.status is Status.OK, outcome.message
 
 
@@ -84,11 +84,11 @@ def test_search_survives_a_crashing_candidate(evaluator):
     `crashed` trial, and the search still measures torch's op and returns it as the winner."""
     import worker_kernels
 
-    import kernels
+    from autotune import registry
     from autotune.tuner import tune
 
     exits = next(k for k in worker_kernels.KERNELS if k.algorithm == "exits")
-    result = tune(PROBLEM, specs=[exits, kernels.get("gemm", "vendor", "cpu")], evaluate=evaluator,
+    result = tune(PROBLEM, specs=[exits, registry.get("gemm", "vendor", "cpu")], evaluate=evaluator,
                   trials=2, confirm_top=1)
     assert result.counts() == {"ok": 1, "crashed": 1}
     assert result.best.algorithm == "vendor" and result.best_own is None

@@ -1,0 +1,302 @@
+"""The kernel contract and the registry: (op, algorithm) -> KernelSpec.
+
+Kernel code lives in `kernels/`, one module per (backend, op family), each with a module-level
+`KERNELS` list of `KernelSpec`s. Kernel modules import this module (the contract); the core never
+imports them directly, only through `module(name)` here, by name. The registry loads a module only
+when its backend can run (Triton modules need a GPU, or the interpreter in tests), attaches the
+knob domains from `search_spaces/<module>.toml` and a hash of the module's source and of the
+project modules it imports (a changed kernel or helper invalidates its cache entries).
+
+A kernel's `run(problem, knobs, inputs, out)` reads torch tensors and returns the result. A kernel
+that writes into a buffer writes into `out` and returns it; the verifier fills `out` with NaN
+first, so an element the kernel forgets to write shows up as a wrong answer. A kernel whose
+library allocates its own result (torch's ops, numpy's FFT) may return that instead of copying.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import importlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from autotune.errors import SearchSpaceError, UnknownNameError
+from autotune.problem import Problem
+from autotune.space import Config, Space, Value, load_spaces
+
+# The package that holds our kernel modules, and the top-level packages of this project whose
+# imports count towards a kernel's source hash.
+KERNEL_PACKAGE = "kernels"
+PROJECT_PACKAGES = ("kernels", "autotune")
+# Module name -> backend. "numpy" runs on the CPU, "triton" on a CUDA GPU, "torch" on both.
+# Helper modules without kernels (kernels/triton_tiles.py) are not listed: they count through the
+# source hash of the modules that import them.
+MODULES = {
+    "numpy_conv": "numpy",
+    "numpy_gemm": "numpy",
+    "vendor": "torch",
+    "triton_gemm": "triton",
+    "triton_conv": "triton",
+}
+BACKENDS_BY_DEVICE = {"cpu": ("numpy", "torch"), "cuda": ("triton", "torch")}
+# The dtypes each backend computes in (a kernel's supports() may narrow this further): NumPy has
+# no bfloat16 and its float16 matmul is not BLAS; Triton's tl.dot has no float64 fast path.
+BACKEND_DTYPES = {
+    "numpy": ("float32", "float64"),
+    "triton": ("float32", "float16", "bfloat16"),
+    "torch": ("float32", "float64", "float16", "bfloat16"),
+}
+
+Knobs = Mapping[str, Value]
+RunFn = Callable[[Problem, Knobs, Sequence[Any], Any], Any]
+
+
+def _always(*_: object) -> str | None:
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelSpec:
+    """One algorithm for one op.
+
+    supports(problem) and check(problem, knobs) return None when fine, else the reason in words
+    (an unsupported problem skips the algorithm; a failed check makes the trial `invalid`).
+    defaults is the knob setting tried first, or a function of the problem that returns it
+    (called with None to learn the knob names, which must cover the search space).
+    """
+
+    op: str
+    algorithm: str
+    backend: str
+    run: RunFn
+    supports: Callable[[Problem], str | None] = _always
+    check: Callable[[Problem, Knobs], str | None] = _always
+    defaults: Knobs | Callable[[Problem], Knobs] = dataclasses.field(default_factory=dict)
+    # True when the kernel's library allocates its result (torch's ops): run() then accepts
+    # out=None, which spares the hot path an allocation.
+    allocates: bool = False
+    # Filled in by the registry:
+    space: Space = Space()
+    source_hash: str = ""
+    module: str = ""
+
+    def default_config(self, problem: Problem) -> Config:
+        knobs = self.defaults(problem) if callable(self.defaults) else self.defaults
+        return Config.make(self.algorithm, knobs)
+
+    def full_knobs(self, problem: Problem, knobs: Knobs) -> dict[str, Value]:
+        """Knobs the space does not search keep their default value."""
+        return {**self.default_config(problem).as_dict(), **knobs}
+
+
+def search_spaces_dir() -> Path:
+    override = os.environ.get("AUTOTUNE_SEARCH_SPACES")
+    return Path(override) if override else Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading kernel modules (the core's only way in)
+
+
+@cache
+def module(name: str) -> ModuleType:
+    """The kernel module `kernels.<name>`, imported once (later calls are a dict lookup).
+
+    The core reaches kernel code only through here, e.g. nn.py's `module("vendor").conv2d_bias`.
+    """
+    if name not in MODULES:
+        raise UnknownNameError(f"unknown kernel module {name!r}; choose one of {', '.join(MODULES)}")
+    if MODULES[name] == "numpy":
+        _single_threaded_numpy_blas()
+    return importlib.import_module(f"{KERNEL_PACKAGE}.{name}")
+
+
+@cache
+def _load_module(name: str) -> tuple[KernelSpec, ...]:
+    mod = module(name)
+    path = Path(mod.__file__).resolve()
+    # The folder that holds the kernels package holds the rest of the project too (source tree
+    # or site-packages), so the hash can follow imports of autotune.* from there.
+    source_hash = source_hash_of(path, path.parent.parent)
+    spaces_path = search_spaces_dir() / f"{name}.toml"
+    spaces = load_spaces(spaces_path) if spaces_path.exists() else {}
+    specs = []
+    for spec in mod.KERNELS:
+        space = spaces.pop((spec.op, spec.algorithm), Space())
+        knob_names = set(spec.defaults(None) if callable(spec.defaults) else spec.defaults)
+        unknown = [p.name for p in space if p.name not in knob_names]
+        if unknown:
+            raise SearchSpaceError(
+                f"{spaces_path}: [{spec.op}.{spec.algorithm}] has unknown knob(s) {unknown}; "
+                f"known knobs: {sorted(knob_names)}"
+            )
+        specs.append(
+            dataclasses.replace(spec, space=space, source_hash=source_hash, module=name)
+        )
+    if spaces:
+        extra = ", ".join(f"[{op}.{algo}]" for op, algo in spaces)
+        raise SearchSpaceError(f"{spaces_path}: no kernel is registered for {extra}")
+    return tuple(specs)
+
+
+@cache
+def _single_threaded_numpy_blas() -> None:
+    """Run NumPy's OpenBLAS on one thread while our NumPy kernels are in use.
+
+    torch's OpenMP pool and OpenBLAS's pool each spin-wait for their threads; on a small CPU the
+    two fight for the same cores. Measured on the 2-core dev machine: torch's matmul for a
+    256x84x120 GEMM went from 0.04 ms to 8 ms per call after OpenBLAS had run, and a LeNet step
+    with one NumPy kernel from 9 ms to 30 ms. With one OpenBLAS thread the LeNet suite's
+    geomean (torch time / best NumPy time) moved from 0.67 to 0.65 and those stalls vanished.
+    torch's own BLAS (MKL/oneDNN) keeps its threads.
+    """
+    from threadpoolctl import ThreadpoolController
+
+    ThreadpoolController().select(internal_api="openblas").limit(limits=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Source hashes
+
+
+def source_hash_of(path: Path, root: Path) -> str:
+    """16 hex digits of sha256 over a module's source and the project modules it imports.
+
+    Imports of kernels.* and autotune.* are found by parsing (ast; nothing is imported), followed
+    transitively, and resolved to files under `root` (the folder that holds both packages).
+    Every file contributes its path relative to `root` and its bytes, in sorted order, so the
+    hash does not depend on where the project lives. Only the modules named in an import count,
+    not the packages above them: `from autotune.registry import KernelSpec` pulls in
+    autotune/registry.py (and what it imports) but not autotune/__init__.py, which would drag in
+    the whole core and invalidate every cache entry on any edit.
+    """
+    root = root.resolve()
+    digest = hashlib.sha256()
+    for file in _project_closure(path.resolve(), root):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _project_closure(path: Path, root: Path) -> list[Path]:
+    """`path` and the project files it imports, directly or not, sorted by path."""
+    seen = {path}
+    todo = [path]
+    while todo:
+        for dep in _project_imports(todo.pop(), root):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return sorted(seen)
+
+
+def _project_imports(path: Path, root: Path) -> set[Path]:
+    """Files under `root` that the module at `path` imports (at any depth of its code)."""
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    package = _package_of(path, root)
+    found: set[Path] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(node.module or "", node.level, package)
+            # `from kernels import triton_tiles` names a module; `from kernels.x import f` names
+            # something in kernels/x.py.
+            names = [f"{base}.{alias.name}" for alias in node.names]
+            if any(_module_file(name, root) is None for name in names):
+                names.append(base)
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] in PROJECT_PACKAGES:
+                file = _module_file(name, root)
+                if file is not None:
+                    found.add(file)
+    return found
+
+
+def _package_of(path: Path, root: Path) -> str:
+    """Dotted package of the module at `path` ('kernels' for kernels/triton_conv.py)."""
+    try:
+        parts = path.relative_to(root).parent.parts
+    except ValueError:  # a file outside the project: relative imports cannot reach the project
+        return ""
+    return ".".join(parts)
+
+
+def _absolute(name: str, level: int, package: str) -> str:
+    """`from ..x import y` inside `package` -> the absolute name of `..x`."""
+    if level == 0:
+        return name
+    parts = package.split(".") if package else []
+    base = parts[: len(parts) - (level - 1)]
+    return ".".join([*base, name] if name else base)
+
+
+def _module_file(name: str, root: Path) -> Path | None:
+    if not name:
+        return None
+    stem = root.joinpath(*name.split("."))
+    for candidate in (stem.with_suffix(".py"), stem / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries
+
+
+def available_backends(device_kind: str) -> tuple[str, ...]:
+    return BACKENDS_BY_DEVICE[device_kind]
+
+
+def load(backends: Sequence[str] = ("numpy", "torch", "triton")) -> list[KernelSpec]:
+    """Every registered kernel of the given backends (Triton skipped if it does not import)."""
+    specs: list[KernelSpec] = []
+    for name, backend in MODULES.items():
+        if backend not in backends:
+            continue
+        if backend == "triton" and not triton_available():
+            continue
+        specs.extend(_load_module(name))
+    return specs
+
+
+def kernels_for(problem: Problem, device_kind: str) -> list[KernelSpec]:
+    """Kernels that can run `problem` on this device, in registry order."""
+    return [
+        spec
+        for spec in load(available_backends(device_kind))
+        if spec.op == problem.op
+        and problem.dtype in BACKEND_DTYPES[spec.backend]
+        and spec.supports(problem) is None
+    ]
+
+
+def get(op: str, algorithm: str, device_kind: str | None = None) -> KernelSpec:
+    backends = available_backends(device_kind) if device_kind else ("numpy", "torch", "triton")
+    specs = load(backends)
+    for spec in specs:
+        if spec.op == op and spec.algorithm == algorithm:
+            return spec
+    known = sorted({s.algorithm for s in specs if s.op == op})
+    raise UnknownNameError(
+        f"unknown algorithm {algorithm!r} for {op}; choose one of {', '.join(known) or '(none)'}"
+    )
+
+
+@cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
