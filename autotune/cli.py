@@ -194,7 +194,7 @@ def cmd_search(args) -> int:
 def _search(args, cache: Cache, problem: Problem, specs, progress):
     """autotune.search with the command line's options; the Optuna study lives next to the cache
     (sqlite), so an interrupted search resumes."""
-    from autotune.decision import search
+    from autotune.decision import default_study_name, search
 
     storage = args.storage
     if storage is None:
@@ -203,10 +203,11 @@ def _search(args, cache: Cache, problem: Problem, specs, progress):
         except OSError as exc:
             raise AutotuneError(f"cannot create --cache-dir {args.cache_dir}: {exc.strerror or exc}") from None
         storage = f"sqlite:///{(args.cache_dir / STUDIES_FILE).resolve()}"
+    name = default_study_name(problem, args.device, sampler=args.sampler, seed=args.seed, threads=args.threads)
     entry = search(problem, device=args.device, cache=cache, trials=args.trials, timeout=args.timeout,
                    sampler=args.sampler, storage=storage, seed=args.seed, specs=specs, progress=progress,
-                   force=args.force, threads=args.threads,
-                   study_name=f"{problem.key()}|{args.device}|{args.sampler}|{args.seed}")
+                   force=args.force, threads=args.threads, study_name=name)
+    args.study = (storage, name)  # printed with the result: open it with Optuna's own tools
     if not entry.trustworthy:
         warnings.warn(f"{problem.describe()}: timing not trustworthy: {entry.reason}; nothing was cached",
                       stacklevel=2)
@@ -216,14 +217,19 @@ def _search(args, cache: Cache, problem: Problem, specs, progress):
 def _entry_json(entry, cache: Cache) -> dict:
     data = entry.as_dict()
     keep = ("problem", "algorithm", "knobs", "median_ms", "p20_ms", "p80_ms", "vendor_ms", "best_own",
-            "trials", "threads", "trustworthy", "reason", "source")
+            "trials", "valid_configs", "threads", "trustworthy", "reason", "source")
     return {**{k: data[k] for k in keep}, "from_cache": entry.from_cache,
             "cached": entry.trustworthy, "cache": str(cache.path)}
 
 
+def _study_json(args) -> dict:
+    storage, name = getattr(args, "study", (None, None))
+    return {"storage": storage, "study_name": name} if name else {}
+
+
 def _print_result(args, entry, cache: Cache) -> None:
     if args.json:
-        print(json.dumps(_entry_json(entry, cache), indent=1))
+        print(json.dumps({**_entry_json(entry, cache), **_study_json(args)}, indent=1))
         return
     rows = [
         ("problem", entry.problem.describe()),
@@ -238,8 +244,16 @@ def _print_result(args, entry, cache: Cache) -> None:
         rows.append(("best own kernel", f"{own.algorithm}  {knobs_text(own.knobs)}  {ms(own.median_ms)} ms  "
                                         f"(torch / own {ratio(entry.vendor_ms, own.median_ms)})"))
     if entry.trials:
-        rows.append(("trials", ", ".join(f"{k} {v}" for k, v in entry.trials.items())))
+        measured = sum(entry.trials.values())
+        space = ""
+        if entry.valid_configs:
+            space = ("  (the whole valid space)" if measured >= entry.valid_configs
+                     else f"  (of {entry.valid_configs} valid configs)")
+        rows.append(("configs measured", ", ".join(f"{k} {v}" for k, v in entry.trials.items()) + space))
     rows.append(("trustworthy", "yes" if entry.trustworthy else "NO (not cached)"))
+    if not entry.from_cache and getattr(args, "study", None):
+        storage, name = args.study
+        rows.append(("optuna study", f"{name}  in {storage}"))
     if entry.trustworthy:
         rows.append(("cached in", f"{cache.path}" + ("  (answered from the cache, no tuning)"
                                                      if entry.from_cache else "")))
@@ -258,7 +272,11 @@ def _search_lenet(args) -> int:
     problems = lenet_problems(batch, torch_dtype(args.dtype))
     cache = Cache(args.cache_dir)
     plan = [(problem, _specs_for(problem, args.device, args.algorithms)) for problem in problems]
-    budget = sum(min(args.trials, sum(s.space.size() for s in specs)) for _, specs in plan)
+    from autotune import registry
+
+    # The bar's total is what will run: cached layers cost nothing, the others their budget.
+    budget = sum(min(args.trials, len(registry.valid_configs(problem, specs))) for problem, specs in plan
+                 if args.force or cache.find(problem, args.device, {s.algorithm: s.source_hash for s in specs}) is None)
     entries = []
     with tqdm(total=budget, desc=f"tuning LeNet batch {batch}", unit="cfg", disable=args.json) as bar:
         for problem, specs in plan:

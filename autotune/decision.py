@@ -8,6 +8,7 @@ where our kernel is preferred to torch's op, and in one `Entry`, which dispatch 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 
@@ -50,6 +51,15 @@ def decide(best_own: Candidate | None, vendor: Candidate | None, *,
     return best_own, f"{theirs.median / ours.median:.2f}x faster than torch's op beyond the noise"
 
 
+def default_study_name(problem: Problem, device: str, *, sampler: str = "tpe", seed: int | None = 0,
+               threads: int | None = None) -> str:
+    """The Optuna study a search of `problem` records its trials in, e.g.
+    conv2d-64x3x32x32-6x5x5-s1p0d1-float32-cpu1t-tpe-seed0 (thread count on the CPU: a study
+    measured on 2 threads must not resume on 1)."""
+    where = f"cpu{threads or torch.get_num_threads()}t" if device == "cpu" else device
+    return f"{problem.slug()}-{where}-{sampler}-seed{seed}"
+
+
 def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None, trials: int = 40,
            timeout: float | None = None, sampler: str = "tpe", storage: str | None = None,
            study_name: str | None = None, seed: int | None = 0, specs: Sequence | None = None,
@@ -72,8 +82,9 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
                 return hit
         from autotune.tuner import tune  # optuna is loaded only when a search runs
 
+        name = study_name or default_study_name(problem, device, sampler=sampler, seed=seed, threads=count)
         result = tune(problem, device=device, trials=trials, timeout=timeout, sampler=sampler,
-                      storage=storage, study_name=study_name, seed=seed, specs=specs, progress=progress,
+                      storage=storage, study_name=name, seed=seed, specs=specs, progress=progress,
                       fresh=force, evaluate=evaluate)
         if result.best_own is None and result.vendor is None:
             counts = ", ".join(f"{k} {v}" for k, v in result.counts().items())
@@ -81,6 +92,7 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
                                 "nothing was cached")
         entry = _entry(problem, device, specs, result.best_own, result.vendor, trials=result.counts(),
                        threads=count, distrust=result.distrust, source=source)
+        entry = dataclasses.replace(entry, valid_configs=result.valid_configs)
     _store(cache, entry, unwritable_ok)
     return entry
 

@@ -80,7 +80,8 @@ def policy(name: str, cache_dir: str | Path | None = None) -> Iterator[None]:
 
 
 def stats() -> dict[str, int]:
-    """How each selection was answered so far: memo, cache, benchmark, tune, default."""
+    """How each selection was answered so far: memo, cache, benchmark, tune, default; and
+    "untrusted": measurements the noise guard refused (torch's op ran; nothing was cached)."""
     return dict(_state.stats)
 
 
@@ -123,6 +124,7 @@ def _select_slow(problem: Problem, device: str, inputs) -> Choice:
         return _default(problem, device, by_name)
     if not entry.trustworthy and "vendor" in by_name:
         # Not cached, and not followed either: torch's op is the safe choice for this process.
+        _state.stats["untrusted"] += 1
         warnings.warn(f"{problem.describe()}: {entry.reason}; using torch's op", stacklevel=4)
         entry = dataclasses.replace(entry, algorithm="vendor", knobs={})
     spec = by_name[entry.algorithm]

@@ -46,6 +46,7 @@ class Entry:
     vendor_ms: float | None  # torch's op on the same inputs in the same run
     best_own: OwnKernel | None
     trials: dict  # distinct configs measured, by status
+    valid_configs: int = 0  # how many configs the kernels' constraints admit (the search's space)
     threads: int  # torch's CPU thread count during the measurement
     trustworthy: bool  # the final re-timing agreed with the search (see measure.agree)
     reason: str = ""  # why this algorithm, or why the timing is not trusted
@@ -95,8 +96,9 @@ _FIELD_TYPES: dict[str, object] = {
     "device": dict, "versions": dict, "algorithm": str, "knobs": dict, "kernel_hashes": dict,
     "median_ms": float, "p20_ms": float, "p80_ms": float, "vendor_ms": (float, None), "trials": dict,
     "threads": int, "trustworthy": bool, "reason": (str,), "source": (str,), "created": (str,),
+    "valid_configs": (int,),
 }
-_OPTIONAL = {"reason", "source", "created"}
+_OPTIONAL = {"reason", "source", "created", "valid_configs"}
 
 
 def _check(data: dict, types: dict, prefix: str) -> None:

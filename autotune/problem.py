@@ -129,6 +129,11 @@ class Conv2dProblem:
     def key(self) -> str:
         return _stable_key(self)
 
+    def slug(self) -> str:
+        """A short readable name (Optuna study names): conv2d-64x3x32x32-6x5x5-s1p0d1-float32."""
+        return (f"{self.op}-{self.n}x{self.c}x{self.h}x{self.w}-{self.k}x{self.r}x{self.s}"
+                f"-s{self.stride}p{self.padding}d{self.dilation}-{self.dtype}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class GemmProblem:
@@ -177,6 +182,11 @@ class GemmProblem:
 
     def key(self) -> str:
         return _stable_key(self)
+
+    def slug(self) -> str:
+        """A short readable name (Optuna study names): gemm-64x10x84-nt-float32."""
+        layout = ("t" if self.trans_a else "n") + ("t" if self.trans_b else "n")
+        return f"gemm-{self.m}x{self.n}x{self.k}-{layout}-{self.dtype}"
 
 
 Problem = Conv2dProblem | GemmProblem

@@ -281,6 +281,19 @@ def kernels_for(problem: Problem, device_kind: str) -> list[KernelSpec]:
     ]
 
 
+def valid_configs(problem: Problem, specs: Sequence[KernelSpec]) -> list[Config]:
+    """Every config the kernels' own constraints admit for `problem`: torch's op first, then each
+    algorithm's default, then the rest in space order. A search measures nothing else, so
+    `--trials N` is N real measurements (or the whole valid space when it is smaller)."""
+    ordered = sorted(specs, key=lambda spec: spec.algorithm != "vendor")
+    configs = [Config.make(s.algorithm, s.full_knobs(problem, s.default_config(problem).as_dict()))
+               for s in ordered]
+    for spec in ordered:
+        configs += [Config.make(spec.algorithm, spec.full_knobs(problem, knobs)) for knobs in spec.space.configs()]
+    by_name = {spec.algorithm: spec for spec in specs}
+    return [c for c in dict.fromkeys(configs) if by_name[c.algorithm].check(problem, c.as_dict()) is None]
+
+
 def get(op: str, algorithm: str, device_kind: str | None = None) -> KernelSpec:
     backends = available_backends(device_kind) if device_kind else ("numpy", "torch", "triton")
     specs = load(backends)

@@ -15,6 +15,8 @@ import contextlib
 import functools
 import json
 import math
+import random
+import time
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -59,6 +61,8 @@ class TuneResult:
     # The noise guard: False when the finalists' re-timing kept disagreeing with the search.
     trustworthy: bool = True
     distrust: str = ""  # why not, in words
+    valid_configs: int = 0  # size of the space the kernels' constraints admit for this problem
+    rejected: int = 0  # sampler proposals the constraints rejected (free: never measured)
 
     @property
     def best(self) -> Candidate | None:
@@ -67,7 +71,7 @@ class TuneResult:
         return min(found, key=lambda c: c.measurement.median) if found else None
 
     def counts(self) -> dict[str, int]:
-        """Distinct configs by status (a config proposed twice was measured once)."""
+        """Distinct configs measured, by status (a config is never measured twice)."""
         first = {}
         for t in self.trials:
             first.setdefault(t.config.key(), t.status)
@@ -174,55 +178,138 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-    name = study_name or f"autotune-{problem.key()}-{device}"
-    study = _open_study(name, storage, make_sampler(sampler, seed), fresh)
+    name = study_name or f"{problem.slug()}-{device}"
+    study = _open_study(name, storage, fresh)
     seen: dict[str, Outcome] = _outcomes_from(study)
-    if not study.trials:
-        # torch's op first: every search measures the baseline, however small its budget.
-        for spec in sorted(specs, key=lambda spec: spec.algorithm != VENDOR):
-            study.enqueue_trial(_encode(spec.algorithm, spec.default_config(problem).as_dict(), spec))
-
-    space_size = _space_size(specs)
-    budget = min(trials, space_size)
+    valid = registry.valid_configs(problem, specs)
+    budget = min(trials, len(valid))
+    if sampler == "grid" and trials < len(valid):
+        warnings.warn(f"grid: {problem.describe()} has {len(valid)} valid configs; --trials {trials} "
+                      f"measures the first {trials} only (raise --trials to cover them all)", stacklevel=3)
+    proposer = _Proposer(sampler, seed, problem, by_name, valid, seen)
     # progress: True for a bar of our own, or a tqdm bar to share (one bar over many problems).
     own_bar = progress is True
-    bar = _progress_bar(problem, budget, _measured(seen)) if own_bar else (progress or None)
-
-    def objective(trial: optuna.Trial) -> float:
-        algorithm = trial.suggest_categorical("algorithm", list(by_name))
-        spec = by_name[algorithm]
-        knobs = {p.name: _suggest(trial, f"{algorithm}.{p.name}", p) for p in spec.space}
-        config = Config.make(algorithm, spec.full_knobs(problem, knobs))
-        trial.set_user_attr("config", config.key())
-        outcome = seen.get(config.key())
-        if outcome is None:
-            outcome = evaluate(problem, spec, knobs)
+    bar = _progress_bar(problem, budget, len(seen)) if own_bar else (progress or None)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while len(seen) < budget and (deadline is None or time.monotonic() < deadline):
+            config = proposer.next()
+            if config is None:  # every valid config measured
+                break
+            spec = by_name[config.algorithm]
+            outcome = evaluate(problem, spec, config.as_dict())
             seen[config.key()] = outcome
-            if bar is not None and outcome.status is not Status.INVALID:
+            proposer.tell(config, outcome)
+            _add_trial(study, spec, config, outcome)
+            if bar is not None:
                 bar.update(1)
-        _record(trial, outcome)
-        if bar is not None:
-            _show_best(bar, seen)
-        if outcome.status is not Status.OK:
-            raise optuna.TrialPruned(outcome.message)
-        return outcome.measurement.median
-
-    def stop_when_spent(study: optuna.Study, _trial) -> None:
-        if _measured(seen) >= budget or len(seen) >= space_size:
-            study.stop()
-
-    if _measured(seen) < budget and len(seen) < space_size:
-        try:
-            # Repeated proposals are free, so allow more Optuna trials than measurements.
-            study.optimize(objective, n_trials=4 * budget + len(specs), timeout=timeout,
-                           callbacks=[stop_when_spent], catch=())
-        finally:
-            if own_bar:
-                bar.close()
-    return _result(problem, study, by_name, evaluate, confirm_top, device)
+                _show_best(bar, seen)
+    finally:
+        if own_bar:
+            bar.close()
+    return _result(problem, study, by_name, evaluate, confirm_top, device,
+                   invalid=proposer.invalid, valid=len(valid))
 
 
-def _open_study(name: str, storage: str | None, sampler, fresh: bool) -> optuna.Study:
+class _Proposer:
+    """Proposes the next config to measure: always a valid one not measured yet.
+
+    The defaults come first (torch's op first: every search measures the baseline, however small
+    its budget). Then the sampler proposes, in a scratch in-memory study that mirrors what was
+    measured (knobs with ordered numeric values as indices, so TPE sees their order). A proposal
+    the kernel's constraints reject is told to the scratch study as pruned (the sampler learns to
+    avoid the region); one already measured is told its known time. Neither costs a measurement
+    or a trial in the real study. After MAX_PROPOSALS misses in a row, an unmeasured valid config
+    is drawn at random. `grid` walks the valid configs in order: truly exhaustive.
+    """
+
+    MAX_PROPOSALS = 25
+
+    def __init__(self, sampler: str, seed, problem, by_name, valid: list[Config], seen: dict[str, Outcome]):
+        self.problem, self.by_name, self.seen = problem, by_name, seen
+        self.valid_keys = {c.key() for c in valid}
+        self.queue = [c for c in valid if c.key() not in seen]  # defaults first, then space order
+        self.defaults = len(by_name)
+        self.rng = random.Random(seed)
+        self.invalid = 0
+        self.grid = sampler == "grid"
+        self.scratch = None
+        if not self.grid:
+            self.scratch = optuna.create_study(sampler=make_sampler(sampler, seed), direction="minimize")
+            for key, outcome in seen.items():
+                self._tell(self._trial_for(_config_from_key(key)), outcome)
+        self._pending: dict[str, optuna.Trial] = {}
+
+    def next(self) -> Config | None:
+        self.queue = [c for c in self.queue if c.key() not in self.seen]
+        if not self.queue:
+            return None
+        if self.grid or self.defaults > 0:
+            self.defaults -= 1
+            return self.queue[0]
+        for _ in range(self.MAX_PROPOSALS):
+            trial = self.scratch.ask()
+            algorithm = trial.suggest_categorical("algorithm", list(self.by_name))
+            spec = self.by_name[algorithm]
+            knobs = {p.name: _suggest(trial, f"{algorithm}.{p.name}", p) for p in spec.space}
+            config = Config.make(algorithm, spec.full_knobs(self.problem, knobs))
+            key = config.key()
+            if key in self.seen:
+                self._tell(trial, self.seen[key])
+            elif key not in self.valid_keys:
+                self.invalid += 1
+                self.scratch.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                self._pending[key] = trial
+                return config
+        return self.rng.choice(self.queue)
+
+    def tell(self, config: Config, outcome: Outcome) -> None:
+        if self.scratch is None:
+            return
+        trial = self._pending.pop(config.key(), None) or self._trial_for(config)
+        self._tell(trial, outcome)
+
+    def _trial_for(self, config: Config) -> optuna.Trial:
+        """A scratch trial that proposes exactly `config` (for history and random fallbacks)."""
+        self.scratch.enqueue_trial(_encode(config.algorithm, config.as_dict(), self.by_name[config.algorithm]))
+        trial = self.scratch.ask()
+        spec = self.by_name[config.algorithm]
+        trial.suggest_categorical("algorithm", list(self.by_name))
+        for p in spec.space:
+            _suggest(trial, f"{config.algorithm}.{p.name}", p)
+        return trial
+
+    def _tell(self, trial: optuna.Trial, outcome: Outcome) -> None:
+        if outcome.status is Status.OK:
+            self.scratch.tell(trial, outcome.measurement.median)
+        else:
+            self.scratch.tell(trial, state=optuna.trial.TrialState.PRUNED)
+
+
+def _add_trial(study: optuna.Study, spec, config: Config, outcome: Outcome) -> None:
+    """One trial per measured config in the real study: the knobs' real values as params, named
+    `<algorithm>.<knob>` (readable in optuna-dashboard and optuna.load_study; knobs of different
+    algorithms never share a distribution), the algorithm and the outcome in user attrs."""
+    knobs = config.as_dict()
+    params = {f"{config.algorithm}.{p.name}": knobs[p.name] for p in spec.space}
+    distributions = {f"{config.algorithm}.{p.name}": optuna.distributions.CategoricalDistribution(list(p.values))
+                     for p in spec.space}
+    attrs = {"algorithm": config.algorithm, "config": config.key(), "status": outcome.status.value}
+    if outcome.measurement is not None:
+        attrs["measurement"] = outcome.measurement.as_dict()
+    if outcome.error is not None and math.isfinite(outcome.error):
+        attrs["error"] = outcome.error
+    if outcome.message:
+        attrs["message"] = outcome.message[:300]
+    ok = outcome.status is Status.OK
+    study.add_trial(optuna.trial.create_trial(
+        params=params, distributions=distributions, user_attrs=attrs,
+        value=outcome.measurement.median if ok else None,
+        state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.PRUNED))
+
+
+def _open_study(name: str, storage: str | None, fresh: bool) -> optuna.Study:
     """The study to run, resumed from `storage` unless `fresh`; a bad storage URL is the user's
     to fix, so it becomes an AutotuneError (one line, exit status 2) rather than a traceback."""
     try:
@@ -231,27 +318,13 @@ def _open_study(name: str, storage: str | None, sampler, fresh: bool) -> optuna.
                 optuna.delete_study(study_name=name, storage=storage)
             except KeyError:
                 pass
-        return optuna.create_study(storage=storage, study_name=name, sampler=sampler,
-                                   direction="minimize", load_if_exists=True)
+        # Trials are added whole (measured configs only), so the study's own sampler never runs.
+        return optuna.create_study(storage=storage, study_name=name, direction="minimize",
+                                   load_if_exists=True)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy, driver and URL errors alike: the URL is the cause
         raise AutotuneError(f"cannot open the Optuna storage {storage!r}: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}; give --storage a URL "
                             "such as sqlite:///results/studies.db") from None
-
-
-def _measured(seen: dict[str, Outcome]) -> int:
-    """Configs that cost a run: an invalid config is rejected before it runs, so it is free."""
-    return sum(1 for o in seen.values() if o.status is not Status.INVALID)
-
-
-def _record(trial: optuna.Trial, outcome: Outcome) -> None:
-    trial.set_user_attr("status", outcome.status.value)
-    if outcome.measurement is not None:
-        trial.set_user_attr("measurement", outcome.measurement.as_dict())
-    if outcome.error is not None and math.isfinite(outcome.error):
-        trial.set_user_attr("error", outcome.error)
-    if outcome.message:
-        trial.set_user_attr("message", outcome.message[:300])
 
 
 def _outcomes_from(study: optuna.Study) -> dict[str, Outcome]:
@@ -275,7 +348,7 @@ def _config_from_key(key: str) -> Config:
     return Config.make(data["algorithm"], data["knobs"])
 
 
-def _result(problem, study, by_name, evaluate, confirm_top, device) -> TuneResult:
+def _result(problem, study, by_name, evaluate, confirm_top, device, *, invalid: int, valid: int) -> TuneResult:
     records = []
     for t in study.get_trials(deepcopy=False):
         if "status" not in t.user_attrs:
@@ -299,11 +372,16 @@ def _result(problem, study, by_name, evaluate, confirm_top, device) -> TuneResul
     else:
         confirmed = [Candidate(config=r.config, measurement=r.measurement) for r in own + vendor]
     confirmed.sort(key=lambda c: c.measurement.median)
+    # The re-timed finalists on the study itself, so Optuna's tools show what the search concluded
+    # (a trial's value is its search-phase time; the re-timing is what the decision used).
+    study.set_user_attr("confirmed", [{"algorithm": c.algorithm, "knobs": c.config.as_dict(),
+                                       "median_ms": c.measurement.median} for c in confirmed])
+    study.set_user_attr("trustworthy", not distrust)
     return TuneResult(problem=problem,
                       best_own=next((c for c in confirmed if c.algorithm != VENDOR), None),
                       vendor=next((c for c in confirmed if c.algorithm == VENDOR), None),
                       trials=tuple(records), study_name=study.study_name,
-                      trustworthy=not distrust, distrust=distrust)
+                      trustworthy=not distrust, distrust=distrust, valid_configs=valid, rejected=invalid)
 
 
 def _progress_bar(problem: Problem, total: int, done: int):

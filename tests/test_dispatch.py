@@ -23,9 +23,20 @@ def test_cached_policy_miss_uses_default_and_warns_once():
     assert dispatch.stats() == {"default": 1, "memo": 1}
 
 
+def _until_trusted(select, attempts=3):
+    """The noise guard may refuse a timing on a busy machine (then nothing is cached); a new
+    process would measure again, so the test does too, a few times."""
+    for _ in range(attempts):
+        dispatch.reset()
+        choice = select()
+        if not dispatch.stats().get("untrusted"):
+            return choice
+    pytest.fail(f"the noise guard refused {attempts} measurements in a row")
+
+
 def test_benchmark_policy_writes_cache_and_next_process_reads_it(tmp_path):
     with autotune.policy("benchmark", cache_dir=tmp_path):
-        choice = dispatch.select(PROBLEM, "cpu")
+        choice = _until_trusted(lambda: dispatch.select(PROBLEM, "cpu"))
         assert choice.source == "benchmark" and choice.median_ms > 0
         assert dispatch.select(PROBLEM, "cpu") is choice  # memo
     entry = Cache(tmp_path).find(PROBLEM, "cpu", {choice.spec.algorithm: choice.spec.source_hash})
@@ -49,7 +60,7 @@ def test_benchmark_choice_is_correct_on_real_tensors(tmp_path):
 def test_tune_policy_runs_a_short_search(tmp_path):
     problem = GemmProblem(m=8, n=6, k=5)
     with autotune.policy("tune", cache_dir=tmp_path):
-        choice = dispatch.select(problem, "cpu")
+        choice = _until_trusted(lambda: dispatch.select(problem, "cpu"))
     assert choice.source == "tune"
     assert Cache(tmp_path).entries()
 

@@ -73,14 +73,16 @@ def test_tuned_training_logs_profiles_and_reuses_the_cache(train_lenet, data_dir
     assert json.loads((prof / "trace.json").read_text())["traceEvents"]
     assert "autotune::" in capsys.readouterr().out
 
-    # A second run finds every kernel choice in the cache: no benchmarking at all.
+    # A second run finds every trustworthy choice in the cache: it benchmarks only the shapes the
+    # noise guard refused the first time (none on a quiet machine).
     second = tmp_path / "second.json"
     argv = _common(tmp_path, data_dir) + ["--tuned", "--epochs", "1", "--dry-run",
                                           "--summary-json", str(second)]
     assert train_lenet.main(argv) == 0
     selections = json.loads(second.read_text())["selections"]
-    assert selections["benchmark"] == 0 and selections["cache"] > 0, selections
-    assert "benchmark 0" in capsys.readouterr().out
+    assert selections["benchmark"] <= result["selections"]["untrusted"] and selections["cache"] > 0, selections
+    if result["selections"]["untrusted"] == 0:
+        assert "benchmark 0" in capsys.readouterr().out
 
 
 @needs_fashion

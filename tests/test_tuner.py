@@ -1,5 +1,7 @@
 """The search logic with a fake timer (deterministic), and one real study on real kernels."""
 
+import contextlib
+
 import pytest
 
 from autotune.confirm import CONFIRM_ROUNDS
@@ -14,13 +16,18 @@ from autotune.tuner import tune
 PROBLEM = GemmProblem(m=8, n=8, k=8)
 
 
-def _spec(algorithm, space, defaults):
+def _spec(algorithm, space, defaults, check=lambda problem, knobs: None):
     return KernelSpec(op="gemm", algorithm=algorithm, backend="numpy", run=lambda *a: None,
-                      defaults=defaults, space=space)
+                      defaults=defaults, space=space, check=check)
+
+
+def _no_64(problem, knobs):
+    return "too big" if knobs.get("BLOCK") == 64 else None
 
 
 TILED = _spec("tiled", Space(params=(Param(name="BLOCK", values=(8, 16, 32, 64)),
-                                     Param(name="order", values=("ab", "ba")))), {"BLOCK": 16, "order": "ab"})
+                                     Param(name="order", values=("ab", "ba")))), {"BLOCK": 16, "order": "ab"},
+              check=_no_64)
 PLAIN = _spec("plain", Space(), {})
 
 
@@ -54,10 +61,11 @@ def _ok(t):
 def test_grid_is_exhaustive_and_finds_the_best():
     timer = FakeTimer()
     result = tune(PROBLEM, specs=[TILED, PLAIN], evaluate=timer, sampler="grid", trials=100, confirm_top=0)
-    assert len(timer.calls) == len(set(timer.calls)) == 9  # 8 tiled configs + plain, each once
+    # 6 tiled configs the constraints admit + plain, each once; BLOCK=64 is never run.
+    assert len(timer.calls) == len(set(timer.calls)) == 7 == result.valid_configs
     assert result.best.config.as_dict() == {"BLOCK": 32, "order": "ba"}
     assert result.best.measurement.median == pytest.approx(1.1)
-    assert result.counts() == {"ok": 6, "invalid": 2, "wrong_answer": 1}
+    assert result.counts() == {"ok": 6, "wrong_answer": 1}
     assert result.vendor is None and result.best_own == result.best
 
 
@@ -76,7 +84,7 @@ def test_defaults_first_and_failures_are_results():
 def test_other_samplers_respect_the_budget(sampler):
     timer = FakeTimer()
     result = tune(PROBLEM, specs=[TILED, PLAIN], evaluate=timer, sampler=sampler, trials=5, seed=3, confirm_top=0)
-    assert len(set(timer.measured)) == 5 and result.best is not None
+    assert len(timer.calls) == len(set(timer.calls)) == 5 and result.best is not None
 
 
 def test_resume_from_storage(tmp_path):
@@ -95,17 +103,41 @@ def test_resume_from_storage(tmp_path):
     assert len(fresh.measured) == 2
 
 
-def test_invalid_configs_do_not_spend_the_budget():
+@pytest.mark.parametrize("sampler", ["tpe", "random", "grid"])
+def test_exact_budget_no_repeats_no_invalid_runs(sampler):
+    """--trials N is N distinct measured configs; rejected and repeated proposals cost nothing."""
     timer = FakeTimer()
-    tune(PROBLEM, specs=[TILED], evaluate=timer, sampler="grid", trials=6, seed=0, confirm_top=0)
-    assert len(timer.calls) > 6  # this seed meets invalid configs before the budget is spent...
-    assert len(timer.measured) == 6  # ...and still measures the 6 it was asked for
+    with pytest.warns(UserWarning, match="7 valid configs") if sampler == "grid" else contextlib.nullcontext():
+        result = tune(PROBLEM, specs=[TILED, PLAIN], evaluate=timer, sampler=sampler, trials=6, seed=2,
+                      confirm_top=0)
+    assert len(timer.calls) == len(set(timer.calls)) == 6
+    assert not any(("BLOCK", 64) in knobs for _, knobs in timer.calls)
+    assert sum(result.counts().values()) == 6 == len(result.trials)
+
+
+def test_budget_larger_than_the_valid_space_measures_it_all():
+    timer = FakeTimer()
+    result = tune(PROBLEM, specs=[TILED, PLAIN], evaluate=timer, sampler="tpe", trials=50, confirm_top=0)
+    assert len(timer.calls) == len(set(timer.calls)) == 7 == result.valid_configs
+
+
+def test_real_study_has_one_trial_per_measured_config_with_real_knob_values(tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    tune(PROBLEM, specs=[TILED, PLAIN], evaluate=FakeTimer(), trials=5, storage=storage, study_name="s")
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert len(study.trials) == 5
+    tiled = [t for t in study.trials if t.user_attrs["algorithm"] == "tiled"]
+    assert tiled and all(t.params["tiled.BLOCK"] in (8, 16, 32) for t in tiled)  # values, not indices
+    confirmed = study.user_attrs["confirmed"]
+    assert confirmed and {"algorithm", "knobs", "median_ms"} <= set(confirmed[0])
 
 
 def test_confirmation_retimes_finalists():
     timer = FakeTimer()
     tune(PROBLEM, specs=[TILED, PLAIN], evaluate=timer, sampler="grid", trials=100, confirm_top=2)
-    assert len(timer.calls) == 9 + 2 * CONFIRM_ROUNDS  # the two best own configs, in rounds
+    assert len(timer.calls) == 7 + 2 * CONFIRM_ROUNDS  # the two best own configs, in rounds
 
 
 VENDOR_SPEC = _spec("vendor", Space(), {})
@@ -123,7 +155,7 @@ def test_our_kernel_must_beat_the_vendor_beyond_noise(ours_ms, spread, winner):
         return Outcome(status=Status.OK, measurement=Measurement(median=t, p20=t * (1 - spread),
                                                                  p80=t * (1 + spread), n=5))
 
-    result = tune(PROBLEM, specs=[TILED, VENDOR_SPEC], evaluate=timer, sampler="grid", trials=3)
+    result = tune(PROBLEM, specs=[TILED, VENDOR_SPEC], evaluate=timer, sampler="random", trials=3)
     assert result.best_own.algorithm == "tiled" and result.vendor.algorithm == "vendor"
     chosen, why = decide(result.best_own, result.vendor)
     assert chosen.algorithm == winner and why
