@@ -260,6 +260,8 @@ def layer_problems(model: nn.Module, example: torch.Tensor) -> list[Problem]:
         x = args[0]
         dtype = _DTYPE_NAMES[x.dtype]
         if isinstance(module, nn.Conv2d):
+            if not _patchable_conv(module):
+                return  # patch() leaves it to torch (groups, padding modes, unequal strides)
             fwd = conv_problem(x, module.weight, module.stride, module.padding, module.dilation)
             ops = ["conv2d"] + (["conv2d_bwd_data"] if x.requires_grad else []) + ["conv2d_bwd_weight"]
             problems.extend(fwd.with_op(op) for op in ops)
