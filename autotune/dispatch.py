@@ -48,6 +48,9 @@ class _State:
         self.memo: dict[tuple[Problem, str], Choice] = {}
         self.warned: set[tuple[Problem, str]] = set()
         self.stats: Counter[str] = Counter()
+        # Bumped whenever a choice may change (policy, cache folder, reset): layers that hold
+        # their resolved choices (autotune.nn) re-resolve when it moves.
+        self.generation = 0
 
 
 _state = _State()
@@ -57,6 +60,7 @@ def set_policy(name: str, cache_dir: str | Path | None = None) -> None:
     if name not in POLICIES:
         raise UnknownNameError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     _state.policy = name
+    _state.generation += 1
     if cache_dir is not None:
         _state.cache_dir = Path(cache_dir)
         _state.memo.clear()
@@ -75,6 +79,7 @@ def policy(name: str, cache_dir: str | Path | None = None) -> Iterator[None]:
         yield
     finally:
         _state.policy, _state.cache_dir = before
+        _state.generation += 1
         if cache_dir is not None:
             _state.memo.clear()
 
@@ -95,6 +100,12 @@ def reset() -> None:
     _state.memo.clear()
     _state.warned.clear()
     _state.stats.clear()
+    _state.generation += 1
+
+
+def generation() -> int:
+    """Changes whenever a cached choice may no longer hold (see _State.generation)."""
+    return _state.generation
 
 
 def select(problem: Problem, device: str, inputs: Sequence[torch.Tensor] | None = None) -> Choice:

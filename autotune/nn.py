@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +23,16 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float1
 
 
 def run(problem: Problem, *inputs: torch.Tensor) -> torch.Tensor:
-    """Dispatch `problem` and run the chosen kernel on `inputs`.
-
-    This is the hot path of every layer call, so it does only what the chosen kernel needs:
-    NumPy kernels get detached tensors (numpy views refuse tensors that require grad), a kernel
-    whose library allocates its own result gets no output buffer.
-    """
+    """Dispatch `problem` and run the chosen kernel on `inputs` (one lookup, then _launch)."""
     inputs = tuple(t if t.is_contiguous() else t.contiguous() for t in inputs)
-    choice = _select(problem, inputs)
+    return _launch(dispatch.select(problem, "cuda" if inputs[0].is_cuda else "cpu", inputs), problem, *inputs)
+
+
+def _launch(choice: dispatch.Choice, problem: Problem, *inputs: torch.Tensor) -> torch.Tensor:
+    """Run an already chosen kernel. This is the hot path of every layer call, so it does only
+    what the kernel needs: NumPy kernels get detached tensors (numpy views refuse tensors that
+    require grad), a kernel whose library allocates its own result gets no output buffer."""
+    inputs = tuple(t if t.is_contiguous() else t.contiguous() for t in inputs)
     spec = choice.spec
     if spec.backend == "numpy":
         inputs = tuple(t.detach() for t in inputs)
@@ -39,10 +42,6 @@ def run(problem: Problem, *inputs: torch.Tensor) -> torch.Tensor:
     # Labels cost microseconds per call, so they are only made while a profiler listens.
     with torch.profiler.record_function(f"autotune::{problem.op}:{spec.algorithm}"):
         return spec.run(problem, choice.knobs, inputs, out)
-
-
-def _select(problem: Problem, inputs: tuple[torch.Tensor, ...]) -> dispatch.Choice:
-    return dispatch.select(problem, "cuda" if inputs[0].is_cuda else "cpu", inputs)
 
 
 def _profiling() -> bool:
@@ -91,29 +90,53 @@ def _with_op(problem: Conv2dProblem, op: str) -> Conv2dProblem:
     return problem.with_op(op)
 
 
-def _vendor_wins(*calls: tuple[Problem, tuple[torch.Tensor, ...] | None], device: str | None = None) -> bool:
-    """Whether torch's own op is the choice for every one of these problems. A problem given
-    without inputs (a gradient not computed yet) is benchmarked on random tensors if need be."""
-    for problem, inputs in calls:
-        kind = device or ("cuda" if inputs[0].is_cuda else "cpu")
-        if dispatch.select(problem, kind, inputs).spec.algorithm != "vendor":
-            return False
-    return True
+@dataclass(frozen=True, kw_only=True)
+class _Plan:
+    """What one layer call runs: the forward, grad-input and grad-weight choices (None where
+    that gradient is not needed), resolved once per shape and held until a choice may change
+    (dispatch.generation), so a call on the hot path does one dict lookup, not one per product."""
+
+    generation: int
+    forward: Problem
+    grad_input: Problem
+    grad_weight: Problem
+    forward_choice: dispatch.Choice
+    grad_input_choice: dispatch.Choice | None
+    grad_weight_choice: dispatch.Choice | None
+
+    @property
+    def torch_only(self) -> bool:
+        return all(c is None or c.spec.algorithm == VENDOR
+                   for c in (self.forward_choice, self.grad_input_choice, self.grad_weight_choice))
+
+    @property
+    def torch_gradients(self) -> bool:
+        return all(c is None or c.spec.algorithm == VENDOR for c in (self.grad_input_choice, self.grad_weight_choice))
 
 
-def _torch_wins_layer(problem: Problem, x: torch.Tensor, w: torch.Tensor, grads: dict[str, Problem]) -> bool:
-    """Whether torch's op is chosen for the forward and every gradient this call will need.
+VENDOR = "vendor"
+_plans: dict[tuple, _Plan] = {}
 
-    Such a layer simply runs torch's own op with torch's own autograd: the choice was made
-    (and cached), and a custom autograd.Function would only add its overhead.
-    """
-    calls: list = [(problem, (x, w))]
-    if torch.is_grad_enabled():
-        if x.requires_grad:
-            calls.append((grads["data"], None))
-        if w.requires_grad:
-            calls.append((grads["weight"], None))
-    return _vendor_wins(*calls, device="cuda" if x.is_cuda else "cpu")
+
+def _plan(key: tuple, problems: tuple[Problem, Problem, Problem], x: torch.Tensor, w: torch.Tensor,
+          need_dx: bool, need_dw: bool) -> _Plan:
+    plan = _plans.get(key)
+    if plan is not None and plan.generation == dispatch.generation():
+        return plan
+    device = "cuda" if x.is_cuda else "cpu"
+    forward, grad_input, grad_weight = problems
+    # Gradients are chosen on random tensors of their shape when benchmarked (not computed yet).
+    choices = (dispatch.select(forward, device, (x, w)),
+               dispatch.select(grad_input, device) if need_dx else None,
+               dispatch.select(grad_weight, device) if need_dw else None)
+    plan = _Plan(generation=dispatch.generation(), forward=forward, grad_input=grad_input,
+                 grad_weight=grad_weight, forward_choice=choices[0], grad_input_choice=choices[1],
+                 grad_weight_choice=choices[2])
+    # A default choice is re-resolved on the next call unless the policy keeps defaults (as the
+    # dispatch memo does): "benchmark" or "tune" will measure it.
+    if dispatch.get_policy() == "cached" or all(c is None or c.source != "default" for c in choices):
+        _plans[key] = plan
+    return plan
 
 
 def _label(name: str):
@@ -122,96 +145,102 @@ def _label(name: str):
 
 class _Conv2dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, problem: Conv2dProblem):
+    def forward(ctx, x, w, b, plan: _Plan):
         ctx.save_for_backward(x, w)
-        ctx.problem = problem
-        if b is not None and _vendor_wins((problem, (x, w))):
+        ctx.plan = plan
+        problem = plan.forward
+        if plan.forward_choice.spec.algorithm == VENDOR:
             # torch's conv adds the bias in the same call; a separate add would cost a pass.
-            # registry.module() is memoised: after the first call this is a dict lookup.
             with _label("autotune::conv2d:vendor"):
-                return registry.module("vendor").conv2d_bias(problem, x, w, b)
-        y = run(problem, x, w)
-        if b is not None:
-            y = y.add_(b.view(1, -1, 1, 1))
-        return y
+                return _VENDOR_OPS().conv2d_bias(problem, x, w, b)
+        y = _launch(plan.forward_choice, problem, x, w)
+        return y if b is None else y.add_(b.view(1, -1, 1, 1))
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        problem = ctx.problem
+        plan: _Plan = ctx.plan
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dy = dy if dy.is_contiguous() else dy.contiguous()
-        data, weight = _with_op(problem, "conv2d_bwd_data"), _with_op(problem, "conv2d_bwd_weight")
-        calls = ([(data, (dy, w))] if need_dx else []) + ([(weight, (x, dy))] if need_dw else [])
-        if calls and _vendor_wins(*calls):
+        if plan.torch_gradients:
             # Each gradient is chosen on its own, as cuDNN picks BwdData and BwdFilter; where
             # torch's op wins both, one convolution_backward computes dx, dw and db together,
             # exactly as torch's own autograd would.
-            vendor = registry.module("vendor")
             with _label("autotune::conv2d_bwd:vendor"):
-                dx, dw, db = vendor.conv2d_backward(problem, x, w, dy, (need_dx, need_dw, need_db))
+                dx, dw, db = _VENDOR_OPS().conv2d_backward(plan.forward, x, w, dy, (need_dx, need_dw, need_db))
             return dx, dw, db, None
-        dx = run(data, dy, w) if need_dx else None
-        dw = run(weight, x, dy) if need_dw else None
+        dx = _launch(plan.grad_input_choice, plan.grad_input, dy, w) if need_dx else None
+        dw = _launch(plan.grad_weight_choice, plan.grad_weight, x, dy) if need_dw else None
         db = dy.sum(dim=(0, 2, 3)) if need_db else None
         return dx, dw, db, None
+
+
+@functools.cache
+def _VENDOR_OPS():  # noqa: N802 - a constant, resolved once through the registry
+    return registry.module("vendor")
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, stride=1, padding=0,
            dilation=1) -> torch.Tensor:
     """Like torch.nn.functional.conv2d (groups=1, zero padding), on tuned kernels."""
-    problem = conv_problem(x, w, stride, padding, dilation)
-    grads = {"data": _with_op(problem, "conv2d_bwd_data"), "weight": _with_op(problem, "conv2d_bwd_weight")}
-    if _torch_wins_layer(problem, x, w, grads):
+    grad = torch.is_grad_enabled()
+    need_dx, need_dw = grad and x.requires_grad, grad and w.requires_grad
+    key = (x.shape, w.shape, _pair_key(stride), _pair_key(padding), _pair_key(dilation), x.dtype,
+           x.device.type, need_dx, need_dw)
+    plan = _plans.get(key)
+    if plan is None or plan.generation != dispatch.generation():
+        problem = conv_problem(x, w, stride, padding, dilation)
+        problems = (problem, _with_op(problem, "conv2d_bwd_data"), _with_op(problem, "conv2d_bwd_weight"))
+        plan = _plan(key, problems, x, w, need_dx, need_dw)
+    if plan.torch_only:
+        # The choice was made (and cached): torch's op with torch's own autograd, no Function.
+        p = plan.forward
         with _label("autotune::conv2d:vendor"):
-            return F.conv2d(x, w, b, problem.stride, problem.padding, problem.dilation)
-    return _Conv2dFunction.apply(x, w, b, problem)
+            return F.conv2d(x, w, b, p.stride, p.padding, p.dilation)
+    return _Conv2dFunction.apply(x, w, b, plan)
 
 
 class _LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, w, b):
+    def forward(ctx, x2d, w, b, plan: _Plan):
         ctx.save_for_backward(x2d, w)
-        batch, fan_in = x2d.shape
-        # y = x·Wᵀ: W is stored (out, in), read transposed through its strides.
-        problem = _gemm_problem(batch, w.shape[0], fan_in, False, True, x2d.dtype)
-        if b is not None and _vendor_wins((problem, (x2d, w))):
+        ctx.plan = plan
+        if plan.forward_choice.spec.algorithm == VENDOR:
             with _label("autotune::gemm:vendor"):
-                return torch.addmm(b, x2d, w.t())  # bias fused into the GEMM, as F.linear does
-        y = run(problem, x2d, w)
-        if b is not None:
-            y = y.add_(b)
-        return y
+                return torch.addmm(b, x2d, w.t()) if b is not None else x2d @ w.t()  # bias fused, as F.linear
+        y = _launch(plan.forward_choice, plan.forward, x2d, w)
+        return y if b is None else y.add_(b)
 
     @staticmethod
     def backward(ctx, dy):
         x2d, w = ctx.saved_tensors
-        batch, fan_in = x2d.shape
-        fan_out = w.shape[0]
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:  # dX = dY·W
-            dx = run(_gemm_problem(batch, fan_in, fan_out, False, False, x2d.dtype), dy, w)
-        if ctx.needs_input_grad[1]:  # dW = dYᵀ·X
-            dw = run(_gemm_problem(fan_out, fan_in, batch, True, False, x2d.dtype), dy, x2d)
-        if ctx.needs_input_grad[2]:
-            db = dy.sum(dim=0)
-        return dx, dw, db
+        plan: _Plan = ctx.plan
+        dy = dy if dy.is_contiguous() else dy.contiguous()
+        dx = _launch(plan.grad_input_choice, plan.grad_input, dy, w) if ctx.needs_input_grad[0] else None  # dY·W
+        dw = _launch(plan.grad_weight_choice, plan.grad_weight, dy, x2d) if ctx.needs_input_grad[1] else None  # dYᵀ·X
+        db = dy.sum(dim=0) if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """Like torch.nn.functional.linear, on tuned kernels (leading dims are flattened)."""
-    if x.dim() == 2:  # the common case; reshapes cost microseconds per call
-        batch, fan_in = x.shape
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    grad = torch.is_grad_enabled()
+    need_dx, need_dw = grad and x.requires_grad, grad and w.requires_grad
+    key = (x2d.shape, w.shape, x.dtype, x.device.type, need_dx, need_dw)
+    plan = _plans.get(key)
+    if plan is None or plan.generation != dispatch.generation():
+        batch, fan_in = x2d.shape
         fan_out = w.shape[0]
-        problem = _gemm_problem(batch, fan_out, fan_in, False, True, x.dtype)
-        grads = {"data": _gemm_problem(batch, fan_in, fan_out, False, False, x.dtype),
-                 "weight": _gemm_problem(fan_out, fan_in, batch, True, False, x.dtype)}
-        if _torch_wins_layer(problem, x, w, grads):
-            with _label("autotune::gemm:vendor"):
-                return F.linear(x, w, b)
-        return _LinearFunction.apply(x, w, b)
-    y = _LinearFunction.apply(x.reshape(-1, x.shape[-1]), w, b)
-    return y.reshape(*x.shape[:-1], w.shape[0])
+        problems = (_gemm_problem(batch, fan_out, fan_in, False, True, x.dtype),  # y = x·Wᵀ
+                    _gemm_problem(batch, fan_in, fan_out, False, False, x.dtype),  # dX = dY·W
+                    _gemm_problem(fan_out, fan_in, batch, True, False, x.dtype))  # dW = dYᵀ·X
+        plan = _plan(key, problems, x2d, w, need_dx, need_dw)
+    if plan.torch_only:
+        with _label("autotune::gemm:vendor"):
+            return F.linear(x, w, b)
+    y = _LinearFunction.apply(x2d, w, b, plan)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], w.shape[0])
 
 
 class Conv2d(nn.Conv2d):

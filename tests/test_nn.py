@@ -87,3 +87,28 @@ def test_lenet_problems_cover_every_layer():
     # conv1 needs no grad input (its input is data); conv2 needs all three; 3 fc layers x 3 GEMMs
     assert ops.count("conv2d") == 2 and ops.count("conv2d_bwd_data") == 1
     assert ops.count("conv2d_bwd_weight") == 2 and ops.count("gemm") == 9  # fc1 input needs grad (conv2 output)
+
+
+@pytest.mark.parametrize("layer", ["conv2d", "linear"])
+def test_choices_are_held_by_the_layer_no_lookup_on_the_hot_path(layer):
+    """After the first call, a layer call (forward and backward) does no dispatch lookup at all;
+    a policy change makes it resolve its choices again."""
+    from autotune import dispatch
+
+    x = torch.randn(2, 3, 8, 8) if layer == "conv2d" else torch.randn(4, 12)
+    w = torch.randn(5, 3, 3, 3, requires_grad=True) if layer == "conv2d" else torch.randn(6, 12, requires_grad=True)
+    x.requires_grad_(True)
+
+    def step():
+        y = autotune.conv2d(x, w, padding=1) if layer == "conv2d" else autotune.linear(x, w)
+        y.sum().backward()
+
+    step()
+    before = sum(dispatch.stats().values())
+    assert before >= 3  # forward, grad input and grad weight were each resolved once
+    for _ in range(5):
+        step()
+    assert sum(dispatch.stats().values()) == before  # not one lookup (memo hits included)
+    with autotune.policy(autotune.get_policy()):  # same policy, new generation: resolve again
+        step()
+        assert sum(dispatch.stats().values()) > before
