@@ -82,6 +82,25 @@ class Cache:
 
         return self.lookup(problem, device.fingerprint(device_kind), device.versions(), source_hashes)
 
+    def neighbours(self, problem: Problem, device_kind: str, limit: int = 4) -> list[Entry]:
+        """Cached entries of the same op and dtype on this machine for other shapes, nearest
+        first (fewest differing shape fields; batch size counts least): their winners are good
+        first guesses for `problem` (warm start)."""
+        from autotune import device
+
+        fp, versions = device.fingerprint(device_kind), device.versions()
+        here = problem_to_dict(problem)
+
+        def distance(entry: Entry) -> tuple[int, int]:
+            there = problem_to_dict(entry.problem)
+            differ = [k for k in here if here[k] != there.get(k)]
+            return (len([k for k in differ if k not in ("n", "m")]), len(differ))
+
+        near = [e for e in self.entries().values()
+                if e.problem.op == problem.op and e.problem.dtype == problem.dtype and e.problem != problem
+                and e.device == fp and e.versions == versions]
+        return sorted(near, key=distance)[:limit]
+
     def lookup(self, problem: Problem, fingerprint: dict, versions: dict,
                source_hashes: dict[str, str]) -> Entry | None:
         """The entry for this problem on this machine, if no kernel it compared has changed.

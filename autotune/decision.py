@@ -64,14 +64,15 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
            timeout: float | None = None, sampler: str = "tpe", storage: str | None = None,
            study_name: str | None = None, seed: int | None = 0, specs: Sequence | None = None,
            force: bool = False, progress=False, threads: int | None = None, evaluate=None,
-           source: str = "search", unwritable_ok: bool = False) -> Entry:
+           source: str = "search", unwritable_ok: bool = False, warm_start: bool = True) -> Entry:
     """The cached entry for `problem`, or tune it (Optuna), decide, and cache a trustworthy result.
 
     threads pins torch's CPU thread count for the search (None: as it is); it is part of the
     cache key. An untrustworthy result (the noise guard) is returned with `trustworthy=False` and
     its reason, and not cached. Raises AutotuneError when no candidate passed verification, and
     CacheWriteError when the cache cannot be written (unless `unwritable_ok`: then a warning, and
-    the entry is returned uncached, as training needs).
+    the entry is returned uncached, as training needs). warm_start measures the winners of
+    cached neighbouring shapes (same op, other batch size or channels) right after the defaults.
     """
     specs = _specs(problem, device, specs)
     cache = cache if cache is not None else Cache()
@@ -83,9 +84,10 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
         from autotune.tuner import tune  # optuna is loaded only when a search runs
 
         name = study_name or default_study_name(problem, device, sampler=sampler, seed=seed, threads=count)
+        warm = _warm_configs(cache.neighbours(problem, device)) if warm_start else []
         result = tune(problem, device=device, trials=trials, timeout=timeout, sampler=sampler,
                       storage=storage, study_name=name, seed=seed, specs=specs, progress=progress,
-                      fresh=force, evaluate=evaluate)
+                      fresh=force, evaluate=evaluate, warm_start=warm)
         if result.best_own is None and result.vendor is None:
             counts = ", ".join(f"{k} {v}" for k, v in result.counts().items())
             raise AutotuneError(f"no candidate passed verification for {problem.describe()} ({counts}); "
@@ -145,6 +147,16 @@ def _store(cache: Cache, entry: Entry, unwritable_ok: bool) -> None:
         if not unwritable_ok:
             raise
         warnings.warn(f"{exc}; the choice is kept for this process only", stacklevel=4)
+
+
+def _warm_configs(neighbours: Sequence[Entry]) -> list[Config]:
+    """The configs that won for neighbouring shapes (our best and the chosen one), nearest first."""
+    configs = []
+    for entry in neighbours:
+        if entry.best_own is not None:
+            configs.append(Config.make(entry.best_own.algorithm, entry.best_own.knobs))
+        configs.append(Config.make(entry.algorithm, entry.knobs))
+    return list(dict.fromkeys(configs))
 
 
 def _specs(problem: Problem, device: str, specs: Sequence | None) -> list:

@@ -140,6 +140,7 @@ def tune(
     progress=False,
     fresh: bool = False,
     confirm_top: int = 3,
+    warm_start: Sequence[Config] = (),
 ) -> TuneResult:
     """Find the fastest correct (algorithm, knobs) for `problem` on `device`.
 
@@ -148,7 +149,9 @@ def tune(
     problem on the device. storage is any Optuna storage URL (None: in memory); a study of the
     same name resumes where it stopped unless `fresh`. confirm_top re-times the best few
     candidates and the vendor in interleaved rounds at the end, so the winner is not a lucky
-    sample; our kernel is chosen over the vendor only when faster beyond the noise.
+    sample; our kernel is chosen over the vendor only when faster beyond the noise. warm_start
+    configs (e.g. winners of neighbouring shapes) are measured right after the defaults, where
+    this problem's constraints admit them.
     """
     if specs is None:
         specs = registry.kernels_for(problem, device)
@@ -159,7 +162,7 @@ def tune(
             evaluate = _default_evaluator(device, seed or 0, stack)
         return _search(problem, specs, evaluate, device=device, trials=trials, timeout=timeout,
                        sampler=sampler, storage=storage, study_name=study_name, seed=seed,
-                       progress=progress, fresh=fresh, confirm_top=confirm_top)
+                       progress=progress, fresh=fresh, confirm_top=confirm_top, warm_start=warm_start)
 
 
 def _default_evaluator(device: str, seed: int, stack: contextlib.ExitStack) -> Evaluate:
@@ -173,7 +176,7 @@ def _default_evaluator(device: str, seed: int, stack: contextlib.ExitStack) -> E
 
 
 def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, storage, study_name, seed,
-            progress, fresh, confirm_top) -> TuneResult:
+            progress, fresh, confirm_top, warm_start=()) -> TuneResult:
     by_name = {spec.algorithm: spec for spec in specs}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -186,7 +189,9 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
     if sampler == "grid" and trials < len(valid):
         warnings.warn(f"grid: {problem.describe()} has {len(valid)} valid configs; --trials {trials} "
                       f"measures the first {trials} only (raise --trials to cover them all)", stacklevel=3)
-    proposer = _Proposer(sampler, seed, problem, by_name, valid, seen)
+    warm = [Config.make(c.algorithm, by_name[c.algorithm].full_knobs(problem, c.as_dict()))
+            for c in warm_start if c.algorithm in by_name]
+    proposer = _Proposer(sampler, seed, problem, by_name, valid, seen, warm)
     # progress: True for a bar of our own, or a tqdm bar to share (one bar over many problems).
     own_bar = progress is True
     bar = _progress_bar(problem, budget, len(seen)) if own_bar else (progress or None)
@@ -225,11 +230,18 @@ class _Proposer:
 
     MAX_PROPOSALS = 25
 
-    def __init__(self, sampler: str, seed, problem, by_name, valid: list[Config], seen: dict[str, Outcome]):
+    def __init__(self, sampler: str, seed, problem, by_name, valid: list[Config], seen: dict[str, Outcome],
+                 warm: Sequence[Config] = ()):
         self.problem, self.by_name, self.seen = problem, by_name, seen
         self.valid_keys = {c.key() for c in valid}
-        self.queue = [c for c in valid if c.key() not in seen]  # defaults first, then space order
-        self.defaults = len(by_name)
+        # Defaults first (torch's op first), then the warm-start configs this problem admits,
+        # then space order.
+        defaults = [Config.make(s.algorithm, s.full_knobs(problem, s.default_config(problem).as_dict()))
+                    for s in sorted(by_name.values(), key=lambda s: s.algorithm != VENDOR)]
+        head = [c for c in dict.fromkeys([*defaults, *warm]) if c.key() in self.valid_keys]
+        ordered = list(dict.fromkeys(head + valid))
+        self.queue = [c for c in ordered if c.key() not in seen]
+        self.defaults = len(head)
         self.rng = random.Random(seed)
         self.invalid = 0
         self.grid = sampler == "grid"

@@ -118,3 +118,35 @@ def _no_warning():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_a_new_shape_starts_from_its_cached_neighbours_winner(tmp_path):
+    """Warm start: the best config of the same op at another batch size is measured right after
+    the defaults."""
+    cache = Cache(tmp_path)
+    problem, neighbour = GemmProblem(m=128, n=64, k=64), GemmProblem(m=64, n=64, k=64)
+    specs = registry.kernels_for(neighbour, "cpu")
+    favourite = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "loop_order": "nmk"}
+
+    from autotune import device
+    from autotune.entry import Entry, OwnKernel
+
+    blocked = next(s for s in specs if s.algorithm == "blocked")
+    assert blocked.check(problem, blocked.full_knobs(problem, favourite)) is None
+    assert blocked.default_config(problem).as_dict() != favourite
+    cache.store(Entry(problem=neighbour, device=device.fingerprint("cpu"), versions=device.versions(),
+                      algorithm="vendor", knobs={}, kernel_hashes={s.algorithm: s.source_hash for s in specs},
+                      median_ms=1.0, p20_ms=1.0, p80_ms=1.0, vendor_ms=1.0,
+                      best_own=OwnKernel(algorithm="blocked", knobs=favourite, median_ms=1.1), trials={"ok": 9},
+                      threads=2, trustworthy=True))
+    calls = []
+
+    def recording(problem, spec, knobs):
+        calls.append((spec.algorithm, spec.full_knobs(problem, knobs)))
+        return _ok(1.0)
+
+    autotune.search(problem, cache=cache, trials=5, evaluate=recording)
+    defaults = [s for s in registry.kernels_for(problem, "cpu")  # the defaults this problem admits
+                if s.check(problem, s.default_config(problem).as_dict()) is None]
+    assert sorted(a for a, _ in calls[:len(defaults)]) == sorted(s.algorithm for s in defaults)
+    assert calls[len(defaults)] == ("blocked", favourite)

@@ -186,3 +186,15 @@ def test_real_study_on_real_kernels():
     assert result.best.measurement.median > 0
     assert result.counts().get("ok", 0) >= 2
     assert all(t.median_ms is None or t.median_ms > 0 for t in result.trials)
+
+
+def test_warm_start_configs_come_right_after_the_defaults():
+    from autotune.space import Config
+
+    timer = FakeTimer()
+    warm = [Config.make("tiled", {"BLOCK": 32, "order": "ba"}), Config.make("tiled", {"BLOCK": 64, "order": "ab"})]
+    tune(PROBLEM, specs=[TILED, PLAIN], evaluate=timer, trials=4, seed=0, confirm_top=0, warm_start=warm)
+    # defaults (tiled's, plain), then the admissible warm config; BLOCK=64 is rejected by check.
+    assert timer.calls[:3] == [("tiled", (("BLOCK", 16), ("order", "ab"))), ("plain", ()),
+                               ("tiled", (("BLOCK", 32), ("order", "ba")))]
+    assert len(timer.calls) == 4
