@@ -84,7 +84,7 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
         from autotune.tuner import tune  # optuna is loaded only when a search runs
 
         name = study_name or default_study_name(problem, device, sampler=sampler, seed=seed, threads=count)
-        warm = _warm_configs(cache.neighbours(problem, device)) if warm_start else []
+        warm = warm_configs(cache.neighbours(problem, device)) if warm_start else []
         result = tune(problem, device=device, trials=trials, timeout=timeout, sampler=sampler,
                       storage=storage, study_name=name, seed=seed, specs=specs, progress=progress,
                       fresh=force, evaluate=evaluate, warm_start=warm)
@@ -149,7 +149,7 @@ def _store(cache: Cache, entry: Entry, unwritable_ok: bool) -> None:
         warnings.warn(f"{exc}; the choice is kept for this process only", stacklevel=4)
 
 
-def _warm_configs(neighbours: Sequence[Entry]) -> list[Config]:
+def warm_configs(neighbours: Sequence[Entry]) -> list[Config]:
     """The configs that won for neighbouring shapes (our best and the chosen one), nearest first."""
     configs = []
     for entry in neighbours:
