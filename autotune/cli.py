@@ -19,6 +19,7 @@ from autotune.cache import Cache, CacheWarning, default_dir
 from autotune.errors import AutotuneError
 from autotune.problem import DTYPES, OPS, Problem, parse_problem
 from autotune.report import format_pairs, format_table, knobs_text, ms, ratio
+from autotune.stopping import DEFAULT_CALLS
 
 SAMPLER_CHOICES = ("tpe", "random", "grid", "cmaes")
 STUDIES_FILE = "studies.db"
@@ -88,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "so an interrupted search resumes)")
     search.add_argument("--algorithms", help="comma-separated algorithms to consider (default: all)")
     search.add_argument("--force", action="store_true", help="re-tune even if the shape is cached")
+    search.add_argument("--stop", choices=("budget", "auto"), default="budget",
+                        help="budget: measure --trials configs (default); auto: stop early once the best "
+                        "has stalled and the rest of the budget cannot pay for itself over --calls calls")
+    search.add_argument("--calls", type=int, default=None, metavar="N",
+                        help="with --stop auto: how often the kernel will run (default 10000)")
     _threads_option(search)
     _common(search)
 
@@ -154,6 +160,8 @@ def _check_search_args(args) -> None:
         raise AutotuneError(f"--trials must be a positive integer, got {args.trials}")
     if args.threads is not None and args.threads <= 0:
         raise AutotuneError(f"--threads must be a positive integer, got {args.threads}")
+    if args.calls is not None and (args.calls <= 0 or args.stop != "auto"):
+        raise AutotuneError("--calls must be a positive integer and needs --stop auto")
     if args.timeout is not None and args.timeout <= 0:
         raise AutotuneError(f"--timeout must be positive seconds, got {args.timeout}")
 
@@ -213,7 +221,8 @@ def _search(args, cache: Cache, problem: Problem, specs, progress):
     name = default_study_name(problem, args.device, sampler=args.sampler, seed=args.seed, threads=args.threads)
     entry = search(problem, device=args.device, cache=cache, trials=args.trials, timeout=args.timeout,
                    sampler=args.sampler, storage=storage, seed=args.seed, specs=specs, progress=progress,
-                   force=args.force, threads=args.threads, study_name=name)
+                   force=args.force, threads=args.threads, study_name=name,
+                   stop_calls=(args.calls or DEFAULT_CALLS) if args.stop == "auto" else None)
     args.study = (storage, name)  # printed with the result: open it with Optuna's own tools
     if not entry.trustworthy:
         warnings.warn(f"{problem.describe()}: timing not trustworthy: {entry.reason}; nothing was cached",
@@ -224,7 +233,7 @@ def _search(args, cache: Cache, problem: Problem, specs, progress):
 def _entry_json(entry, cache: Cache) -> dict:
     data = entry.as_dict()
     keep = ("problem", "algorithm", "knobs", "median_ms", "p20_ms", "p80_ms", "vendor_ms", "best_own",
-            "trials", "valid_configs", "threads", "trustworthy", "reason", "source")
+            "trials", "valid_configs", "stopped", "threads", "trustworthy", "reason", "source")
     return {**{k: data[k] for k in keep}, "from_cache": entry.from_cache,
             "cached": entry.trustworthy, "cache": str(cache.path)}
 
@@ -257,6 +266,8 @@ def _print_result(args, entry, cache: Cache) -> None:
             space = ("  (the whole valid space)" if measured >= entry.valid_configs
                      else f"  (of {entry.valid_configs} valid configs)")
         rows.append(("configs measured", ", ".join(f"{k} {v}" for k, v in entry.trials.items()) + space))
+    if entry.stopped and not entry.from_cache:
+        rows.append(("stopped early", entry.stopped))
     rows.append(("trustworthy", "yes" if entry.trustworthy else "NO (not cached)"))
     if not entry.from_cache and getattr(args, "study", None):
         storage, name = args.study

@@ -64,7 +64,8 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
            timeout: float | None = None, sampler: str = "tpe", storage: str | None = None,
            study_name: str | None = None, seed: int | None = 0, specs: Sequence | None = None,
            force: bool = False, progress=False, threads: int | None = None, evaluate=None,
-           source: str = "search", unwritable_ok: bool = False, warm_start: bool = True) -> Entry:
+           source: str = "search", unwritable_ok: bool = False, warm_start: bool = True,
+           stop_calls: int | None = None) -> Entry:
     """The cached entry for `problem`, or tune it (Optuna), decide, and cache a trustworthy result.
 
     threads pins torch's CPU thread count for the search (None: as it is); it is part of the
@@ -73,6 +74,8 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
     CacheWriteError when the cache cannot be written (unless `unwritable_ok`: then a warning, and
     the entry is returned uncached, as training needs). warm_start measures the winners of
     cached neighbouring shapes (same op, other batch size or channels) right after the defaults.
+    stop_calls (`--stop auto`) ends the search early when the rest of the budget cannot pay for
+    itself over that many calls of the kernel (autotune.stopping).
     """
     specs = _specs(problem, device, specs)
     cache = cache if cache is not None else Cache()
@@ -87,14 +90,14 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
         warm = warm_configs(cache.neighbours(problem, device)) if warm_start else []
         result = tune(problem, device=device, trials=trials, timeout=timeout, sampler=sampler,
                       storage=storage, study_name=name, seed=seed, specs=specs, progress=progress,
-                      fresh=force, evaluate=evaluate, warm_start=warm)
+                      fresh=force, evaluate=evaluate, warm_start=warm, stop_calls=stop_calls)
         if result.best_own is None and result.vendor is None:
             counts = ", ".join(f"{k} {v}" for k, v in result.counts().items())
             raise AutotuneError(f"no candidate passed verification for {problem.describe()} ({counts}); "
                                 "nothing was cached")
         entry = _entry(problem, device, specs, result.best_own, result.vendor, trials=result.counts(),
                        threads=count, distrust=result.distrust, source=source)
-        entry = dataclasses.replace(entry, valid_configs=result.valid_configs)
+        entry = dataclasses.replace(entry, valid_configs=result.valid_configs, stopped=result.stopped)
     _store(cache, entry, unwritable_ok)
     return entry
 

@@ -47,6 +47,7 @@ class Entry:
     best_own: OwnKernel | None
     trials: dict  # distinct configs measured, by status
     valid_configs: int = 0  # how many configs the kernels' constraints admit (the search's space)
+    stopped: str = ""  # why cost-aware stopping (--stop auto) ended the search early, if it did
     threads: int  # torch's CPU thread count during the measurement
     trustworthy: bool  # the final re-timing agreed with the search (see measure.agree)
     reason: str = ""  # why this algorithm, or why the timing is not trusted
@@ -96,9 +97,9 @@ _FIELD_TYPES: dict[str, object] = {
     "device": dict, "versions": dict, "algorithm": str, "knobs": dict, "kernel_hashes": dict,
     "median_ms": float, "p20_ms": float, "p80_ms": float, "vendor_ms": (float, None), "trials": dict,
     "threads": int, "trustworthy": bool, "reason": (str,), "source": (str,), "created": (str,),
-    "valid_configs": (int,),
+    "valid_configs": (int,), "stopped": (str,),
 }
-_OPTIONAL = {"reason", "source", "created", "valid_configs"}
+_OPTIONAL = {"reason", "source", "created", "valid_configs", "stopped"}
 
 
 def _check(data: dict, types: dict, prefix: str) -> None:

@@ -30,6 +30,7 @@ from autotune.errors import AutotuneError, UnknownNameError
 from autotune.measure import Measurement, Outcome, Status
 from autotune.problem import Problem
 from autotune.space import Config, Param
+from autotune.stopping import StopRule
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 VENDOR = "vendor"
@@ -63,6 +64,7 @@ class TuneResult:
     distrust: str = ""  # why not, in words
     valid_configs: int = 0  # size of the space the kernels' constraints admit for this problem
     rejected: int = 0  # sampler proposals the constraints rejected (free: never measured)
+    stopped: str = ""  # why cost-aware stopping ended the search early, if it did
 
     @property
     def best(self) -> Candidate | None:
@@ -141,6 +143,7 @@ def tune(
     fresh: bool = False,
     confirm_top: int = 3,
     warm_start: Sequence[Config] = (),
+    stop_calls: int | None = None,
 ) -> TuneResult:
     """Find the fastest correct (algorithm, knobs) for `problem` on `device`.
 
@@ -151,7 +154,8 @@ def tune(
     candidates and the vendor in interleaved rounds at the end, so the winner is not a lucky
     sample; our kernel is chosen over the vendor only when faster beyond the noise. warm_start
     configs (e.g. winners of neighbouring shapes) are measured right after the defaults, where
-    this problem's constraints admit them.
+    this problem's constraints admit them. stop_calls turns on cost-aware stopping
+    (autotune.stopping) for a kernel expected to run that many times.
     """
     if specs is None:
         specs = registry.kernels_for(problem, device)
@@ -162,7 +166,8 @@ def tune(
             evaluate = _default_evaluator(device, seed or 0, stack)
         return _search(problem, specs, evaluate, device=device, trials=trials, timeout=timeout,
                        sampler=sampler, storage=storage, study_name=study_name, seed=seed,
-                       progress=progress, fresh=fresh, confirm_top=confirm_top, warm_start=warm_start)
+                       progress=progress, fresh=fresh, confirm_top=confirm_top, warm_start=warm_start,
+                       stop_calls=stop_calls)
 
 
 def _default_evaluator(device: str, seed: int, stack: contextlib.ExitStack) -> Evaluate:
@@ -176,7 +181,7 @@ def _default_evaluator(device: str, seed: int, stack: contextlib.ExitStack) -> E
 
 
 def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, storage, study_name, seed,
-            progress, fresh, confirm_top, warm_start=()) -> TuneResult:
+            progress, fresh, confirm_top, warm_start=(), stop_calls=None) -> TuneResult:
     by_name = {spec.algorithm: spec for spec in specs}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -196,8 +201,10 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
     own_bar = progress is True
     bar = _progress_bar(problem, budget, len(seen)) if own_bar else (progress or None)
     deadline = None if timeout is None else time.monotonic() + timeout
+    stop = StopRule(budget=budget, calls=stop_calls) if stop_calls else None
     try:
         while len(seen) < budget and (deadline is None or time.monotonic() < deadline):
+            started = time.monotonic()
             config = proposer.next()
             if config is None:  # every valid config measured
                 break
@@ -209,11 +216,20 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
             if bar is not None:
                 bar.update(1)
                 _show_best(bar, seen)
+            if stop is not None and stop.update(_best_own_ms(seen), time.monotonic() - started):
+                study.set_user_attr("stopped", stop.reason)
+                break
     finally:
         if own_bar:
             bar.close()
     return _result(problem, study, by_name, evaluate, confirm_top, device,
-                   invalid=proposer.invalid, valid=len(valid))
+                   invalid=proposer.invalid, valid=len(valid), stopped=stop.reason if stop else "")
+
+
+def _best_own_ms(seen: dict[str, Outcome]) -> float | None:
+    times = [o.measurement.median for k, o in seen.items()
+             if o.status is Status.OK and _config_from_key(k).algorithm != VENDOR]
+    return min(times, default=None)
 
 
 class _Proposer:
@@ -360,7 +376,8 @@ def _config_from_key(key: str) -> Config:
     return Config.make(data["algorithm"], data["knobs"])
 
 
-def _result(problem, study, by_name, evaluate, confirm_top, device, *, invalid: int, valid: int) -> TuneResult:
+def _result(problem, study, by_name, evaluate, confirm_top, device, *, invalid: int, valid: int,
+            stopped: str = "") -> TuneResult:
     records = []
     for t in study.get_trials(deepcopy=False):
         if "status" not in t.user_attrs:
@@ -393,7 +410,8 @@ def _result(problem, study, by_name, evaluate, confirm_top, device, *, invalid: 
                       best_own=next((c for c in confirmed if c.algorithm != VENDOR), None),
                       vendor=next((c for c in confirmed if c.algorithm == VENDOR), None),
                       trials=tuple(records), study_name=study.study_name,
-                      trustworthy=not distrust, distrust=distrust, valid_configs=valid, rejected=invalid)
+                      trustworthy=not distrust, distrust=distrust, valid_configs=valid, rejected=invalid,
+                      stopped=stopped)
 
 
 def _progress_bar(problem: Problem, total: int, done: int):

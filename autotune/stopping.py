@@ -1,0 +1,53 @@
+"""Cost-aware stopping (`--stop auto`): stop a search when more searching cannot pay for itself.
+
+A search costs wall time now; a faster kernel saves time on every later call. After each
+measured config the rule asks two things:
+  1. Has the best own time stalled? No improvement of at least MIN_GAIN (1%) over the last
+     `window` configs (at least 8, or a tenth of the budget).
+  2. Would the rest of the budget pay? While stalled, assume (optimistically) that each further
+     window may still gain MIN_GAIN of the best time: the remaining expected saving per call is
+     best_ms * MIN_GAIN * remaining / window, times the expected number of calls (`--calls`). The
+     remaining cost is the remaining configs times the mean wall time a config has taken.
+Stop when stalled and the expected saving is less than the remaining cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MIN_GAIN = 0.01
+MIN_WINDOW = 8
+DEFAULT_CALLS = 10_000  # e.g. 3 epochs of MNIST at batch 16: a layer's calls in a short training
+
+
+@dataclass
+class StopRule:
+    budget: int
+    calls: int = DEFAULT_CALLS
+    history: list[float] = field(default_factory=list)  # best own time (ms) after each config
+    seconds: list[float] = field(default_factory=list)  # wall seconds each config took
+    reason: str = ""
+
+    @property
+    def window(self) -> int:
+        return max(MIN_WINDOW, self.budget // 10)
+
+    def update(self, best_ms: float | None, seconds: float) -> bool:
+        """Record one measured config; True when the search should stop now (see the module)."""
+        self.history.append(best_ms if best_ms is not None else float("inf"))
+        self.seconds.append(seconds)
+        done, window = len(self.history), self.window
+        remaining = self.budget - done
+        if remaining <= 0 or done <= window:
+            return False
+        before, now = self.history[-window - 1], self.history[-1]
+        if now == float("inf") or now < before * (1 - MIN_GAIN):
+            return False  # still improving (or nothing of ours works yet)
+        expected_saving_s = now * MIN_GAIN * remaining / window * self.calls / 1e3
+        remaining_cost_s = remaining * sum(self.seconds) / done
+        if expected_saving_s >= remaining_cost_s:
+            return False
+        self.reason = (f"stopped after {done} of {self.budget} configs: no 1% gain in the last {window}, and "
+                       f"at most {expected_saving_s:.2f} s to save over {self.calls} calls vs "
+                       f"{remaining_cost_s:.1f} s more searching")
+        return True
