@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -20,7 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from autotune.entry import Entry, EntryFormatError
 from autotune.errors import CacheWriteError
@@ -29,7 +30,20 @@ from autotune.problem import Problem, problem_to_dict
 # 2: typed Entry records (kernel_hashes, threads, trustworthy, best_own as an object).
 SCHEMA_VERSION = 2
 CACHE_FILE = "autotune_cache.json"
+STUDIES_FILE = "studies.db"  # the Optuna storage `autotune search` keeps next to the cache
+TEMP_PREFIX = ".cache-"
 FORMAT = "kernel-autotune cache"
+
+
+LOCK_TIMEOUT_S = 30.0  # a writer holds the lock for milliseconds; 30 s means a stopped process
+
+
+def _file_mode() -> int:
+    """rw for whoever the umask allows (group-shareable under umask 002): mkstemp's 0600 would
+    lock a team's shared cache folder to its first writer."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 class CacheWarning(UserWarning):
@@ -76,11 +90,23 @@ class Cache:
                           f"{'it' if len(bad) == 1 else 'them'}", CacheWarning, stacklevel=3)
         return good
 
-    def find(self, problem: Problem, device_kind: str, source_hashes: dict[str, str]) -> Entry | None:
-        """lookup() for this machine's fingerprint (thread count included) and library versions."""
+    def find(self, problem: Problem, device_kind: str, specs) -> Entry | None:
+        """lookup() for this machine's fingerprint (thread count included), library versions and
+        the registered kernels `specs`; the chosen knobs are checked again by the kernel's own
+        constraints (a hand-edited or stale entry the kernel would reject is a miss, with a warning)."""
         from autotune import device
 
-        return self.lookup(problem, device.fingerprint(device_kind), device.versions(), source_hashes)
+        hashes = {s.algorithm: s.source_hash for s in specs}
+        entry = self.lookup(problem, device.fingerprint(device_kind), device.versions(), hashes)
+        if entry is None:
+            return None
+        spec = next(s for s in specs if s.algorithm == entry.algorithm)
+        reason = spec.check(problem, spec.full_knobs(problem, entry.knobs))
+        if reason is not None:
+            warnings.warn(f"{self.path}: the cached {entry.algorithm} knobs for {problem.describe()} are "
+                          f"rejected by the kernel ({reason}); tuning again", CacheWarning, stacklevel=2)
+            return None
+        return entry
 
     def neighbours(self, problem: Problem, device_kind: str, limit: int = 4) -> list[Entry]:
         """Cached entries of the same op and dtype on this machine for other shapes, nearest
@@ -156,10 +182,10 @@ class Cache:
             record["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(self._lock_path)):
+            with self._lock():
                 data = self._read()
                 if data is None:
-                    self._set_aside_unusable()
+                    self._set_aside("unreadable")
                     data = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "entries": {}}
                 data["entries"][key] = record
                 self._atomic_write(data)
@@ -168,25 +194,53 @@ class Cache:
                                   "fix its permissions or pass another --cache-dir") from None
         return key
 
-    def clear(self) -> int:
-        """Remove every entry; returns how many there were."""
-        with FileLock(str(self._lock_path)):
-            data = self._read()
-            count = len(data["entries"]) if data else 0
-            if self.path.exists():
-                self._atomic_write({"format": FORMAT, "schema_version": SCHEMA_VERSION, "entries": {}})
-        return count
+    def _lock(self) -> FileLock:
+        return _TimedLock(str(self._lock_path), timeout=LOCK_TIMEOUT_S, mode=_file_mode())
 
-    def _set_aside_unusable(self) -> None:
-        """Keep a corrupt or foreign file for the user to inspect instead of overwriting it."""
-        if self.path.exists():
-            aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
-            os.replace(self.path, aside)
-            warnings.warn(f"moved the unusable cache to {aside}", CacheWarning, stacklevel=3)
+    def clear(self, *, keep_studies: bool = False) -> tuple[int, Path | None]:
+        """Empty the cache: the file is moved aside (`.cleared-<time>`), never destroyed (it may
+        be a newer version's cache); the Optuna studies next to it go too, unless keep_studies,
+        or the next search would resume old trials. Returns (entries moved aside, where)."""
+        if not self.dir.is_dir():
+            if self.dir.exists():
+                raise CacheWriteError(f"--cache-dir {self.dir} is not a folder")
+            return 0, None
+        try:
+            with self._lock():
+                data = self._read()
+                count = len(data["entries"]) if data else 0
+                aside = self._set_aside("cleared", warn=False)
+                if not keep_studies:
+                    for name in (STUDIES_FILE, STUDIES_FILE + "-journal"):
+                        (self.dir / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise CacheWriteError(f"cannot clear the cache {self.path}: {exc.strerror or exc}") from None
+        return count, aside
+
+    def _set_aside(self, why: str, *, warn: bool = True) -> Path | None:
+        """Move the file to a new, unique name (never over an older set-aside) for the user to
+        inspect instead of overwriting it."""
+        if not self.path.exists():
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for n in itertools.count():
+            aside = self.path.with_name(f"{self.path.name}.{why}-{stamp}" + (f"-{n}" if n else ""))
+            if not aside.exists():
+                break
+        os.replace(self.path, aside)
+        if warn:
+            warnings.warn(f"moved the unusable cache to {aside}", CacheWarning, stacklevel=4)
+        return aside
 
     def _atomic_write(self, data: dict) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".cache-", suffix=".json", dir=self.dir)
+        """Under the lock: temp file, fsync, rename, fsync the folder (so the rename itself
+        survives a crash). Temp files left by a writer killed mid-write are removed first: while
+        we hold the lock, no other writer can be using one."""
+        for stale in self.dir.glob(TEMP_PREFIX + "*.json"):
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".json", dir=self.dir)
         try:
+            os.fchmod(fd, _file_mode())
             with os.fdopen(fd, "w") as fh:
                 json.dump(data, fh, indent=1, sort_keys=True)
                 fh.write("\n")
@@ -196,5 +250,21 @@ class Cache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        dir_fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class _TimedLock(FileLock):
+    """The cache's file lock; waiting more than LOCK_TIMEOUT_S is an error that says what to do."""
+
+    def __enter__(self):
+        try:
+            return super().__enter__()
+        except Timeout:
+            raise CacheWriteError(f"another process has held the cache lock {self.lock_file} for "
+                                  f"{LOCK_TIMEOUT_S:.0f} s; if no autotune is running, delete that file") from None
 
 

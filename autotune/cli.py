@@ -15,14 +15,13 @@ from pathlib import Path
 
 from autotune import device as devices
 from autotune import registry
-from autotune.cache import Cache, CacheWarning, default_dir
+from autotune.cache import STUDIES_FILE, Cache, CacheWarning, default_dir
 from autotune.errors import AutotuneError
 from autotune.problem import DTYPES, OPS, Problem, parse_problem
 from autotune.report import format_pairs, format_table, knobs_text, ms, ratio
 from autotune.stopping import DEFAULT_CALLS
 
 SAMPLER_CHOICES = ("tpe", "random", "grid", "cmaes")
-STUDIES_FILE = "studies.db"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(bench)
 
     cache = sub.add_parser("cache", help="where the cache is, or clear it")
-    cache.add_argument("action", choices=("path", "clear"))
+    cache.add_argument("action", nargs="?", choices=("path", "clear"), default="path",
+                       help="path (default): print where the cache file is; clear: move it aside "
+                       "(kept as .cleared-<time>) and delete the Optuna studies next to it")
+    cache.add_argument("--keep-studies", action="store_true", help="with clear: keep studies.db")
     _common(cache)
 
     info = sub.add_parser("info", help="device fingerprint, library versions and registered kernels")
@@ -295,7 +297,7 @@ def _search_model(args, spec: str | None) -> int:
     plan = [(problem, _specs_for(problem, args.device, args.algorithms)) for problem in problems]
     # The bar's total is what will run: cached layers cost nothing, the others their budget.
     budget = sum(min(args.trials, len(registry.valid_configs(problem, specs))) for problem, specs in plan
-                 if args.force or cache.find(problem, args.device, {s.algorithm: s.source_hash for s in specs}) is None)
+                 if args.force or cache.find(problem, args.device, specs) is None)
     entries = []
     with tqdm(total=budget, desc=f"tuning {spec} batch {batch}", unit="cfg", disable=args.json) as bar:
         for problem, specs in plan:
@@ -338,8 +340,14 @@ def cmd_cache(args) -> int:
     if args.action == "path":
         print(json.dumps({"cache": str(cache.path)}) if args.json else cache.path)
         return 0
-    removed = cache.clear()
-    print(json.dumps({"removed": removed}) if args.json else f"removed {removed} entries from {cache.path}")
+    removed, aside = cache.clear(keep_studies=args.keep_studies)
+    if args.json:
+        print(json.dumps({"removed": removed, "moved_to": str(aside) if aside else None}))
+    elif aside is None:
+        print(f"nothing to clear in {args.cache_dir}")
+    else:
+        print(f"cleared {removed} entries: {cache.path} moved to {aside}"
+              + ("" if args.keep_studies else "; Optuna studies deleted"))
     return 0
 
 

@@ -81,7 +81,7 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
     cache = cache if cache is not None else Cache()
     with measure.pinned_threads(threads if device == "cpu" else None) as count:
         if not force:
-            hit = cache.find(problem, device, _hashes(specs))
+            hit = cache.find(problem, device, specs)
             if hit is not None:
                 return hit
         from autotune.tuner import tune  # optuna is loaded only when a search runs

@@ -127,7 +127,7 @@ def _select_slow(problem: Problem, device: str, inputs) -> Choice:
     specs = registry.kernels_for(problem, device)
     by_name = {s.algorithm: s for s in specs}
     cache = Cache(_state.cache_dir)
-    entry = cache.find(problem, device, {s.algorithm: s.source_hash for s in specs})
+    entry = cache.find(problem, device, specs)
     source = "cache"
     if entry is None and _state.policy in ("benchmark", "tune"):
         entry, source = _measure(problem, device, specs, inputs, cache), _state.policy

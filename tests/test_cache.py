@@ -128,8 +128,91 @@ def test_two_writers_lose_nothing(tmp_path):
     assert not list(tmp_path.glob(".cache-*"))  # no temp files left behind
 
 
-def test_clear(tmp_path):
+def test_clear_moves_the_file_aside_and_drops_the_studies(tmp_path):
     cache = Cache(tmp_path)
     store(cache)
-    assert cache.clear() == 1
-    assert cache.entries() == {}
+    (tmp_path / "studies.db").write_text("x")
+    removed, aside = cache.clear()
+    assert removed == 1 and aside.exists() and json.loads(aside.read_text())["entries"]
+    assert cache.entries() == {} and not (tmp_path / "studies.db").exists()
+    store(cache)
+    (tmp_path / "studies.db").write_text("x")
+    removed, second = cache.clear(keep_studies=True)
+    assert second != aside and aside.exists() and (tmp_path / "studies.db").exists()
+
+
+def test_clear_never_destroys_a_newer_schema_file(tmp_path):
+    newer = '{"format": "kernel-autotune cache", "schema_version": 99, "entries": {"k": {}}}'
+    (tmp_path / CACHE_FILE).write_text(newer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CacheWarning)
+        removed, aside = Cache(tmp_path).clear()
+    assert removed == 0 and aside.read_text() == newer
+
+
+def test_files_follow_the_umask_and_stale_temp_files_go(tmp_path):
+    import os
+
+    (tmp_path / ".cache-left-by-a-killed-writer.json").write_text("{")
+    old = os.umask(0o002)
+    try:
+        store(Cache(tmp_path))
+    finally:
+        os.umask(old)
+    assert (tmp_path / CACHE_FILE).stat().st_mode & 0o777 == 0o664  # group-shareable, not 0600
+    assert not list(tmp_path.glob(".cache-*"))
+
+
+def test_a_held_lock_times_out_with_a_clear_error(tmp_path, monkeypatch):
+    from filelock import FileLock
+
+
+    holder = FileLock(str(tmp_path / (CACHE_FILE + ".lock")))
+    ctx = multiprocessing.get_context("spawn")
+    with holder:  # a lock held by another process (filelock is re-entrant within one)
+        p = ctx.Process(target=_store_one, args=(str(tmp_path),))
+        p.start()
+        p.join(timeout=60)
+    assert p.exitcode == 3
+
+
+def _store_one(directory):
+    import autotune.cache as cache_module
+    from autotune.errors import CacheWriteError
+
+    cache_module.LOCK_TIMEOUT_S = 0.2
+    try:
+        store(Cache(directory))
+    except CacheWriteError as exc:
+        raise SystemExit(3 if "held the cache lock" in str(exc) else 4) from None
+
+
+def test_set_aside_names_never_collide(tmp_path):
+    for _ in range(3):
+        (tmp_path / CACHE_FILE).write_text("corrupt")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CacheWarning)
+            store(Cache(tmp_path))
+            (tmp_path / CACHE_FILE).write_text("corrupt")
+            store(Cache(tmp_path))
+    assert len(list(tmp_path.glob(CACHE_FILE + ".unreadable-*"))) == 6
+
+
+def test_cached_knobs_the_kernel_rejects_are_a_miss(tmp_path):
+    from autotune import registry
+    from autotune.problem import GemmProblem
+
+    problem = GemmProblem(m=64, n=64, k=64)
+    specs = registry.kernels_for(problem, "cpu")
+    blocked = next(s for s in specs if s.algorithm == "blocked")
+    from autotune import device
+
+    bad = {**blocked.default_config(problem).as_dict(), "BLOCK_M": 1024}  # tiles past twice the size
+    assert blocked.check(problem, bad) is not None
+    Cache(tmp_path).store(Entry(problem=problem, device=device.fingerprint("cpu"), versions=device.versions(),
+                                algorithm="blocked", knobs=bad,
+                                kernel_hashes={s.algorithm: s.source_hash for s in specs}, median_ms=1.0,
+                                p20_ms=1.0, p80_ms=1.0, vendor_ms=2.0, best_own=None, trials={}, threads=1,
+                                trustworthy=True))
+    with pytest.warns(CacheWarning, match="rejected by the kernel"):
+        assert Cache(tmp_path).find(problem, "cpu", specs) is None

@@ -51,7 +51,7 @@ def test_a_stalled_retiming_is_untrustworthy_and_not_cached(tmp_path):
     assert not entry.trustworthy
     assert "too busy" in entry.reason and "0.8 then 24 then 24" in entry.reason
     assert cache.entries() == {}  # nothing written
-    assert cache.find(PROBLEM, "cpu", {s.algorithm: s.source_hash for s in _specs()}) is None
+    assert cache.find(PROBLEM, "cpu", _specs()) is None
 
 
 def test_one_slow_spell_is_re_measured_and_then_trusted(tmp_path):

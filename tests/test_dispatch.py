@@ -39,7 +39,7 @@ def test_benchmark_policy_writes_cache_and_next_process_reads_it(tmp_path):
         choice = _until_trusted(lambda: dispatch.select(PROBLEM, "cpu"))
         assert choice.source == "benchmark" and choice.median_ms > 0
         assert dispatch.select(PROBLEM, "cpu") is choice  # memo
-    entry = Cache(tmp_path).find(PROBLEM, "cpu", {choice.spec.algorithm: choice.spec.source_hash})
+    entry = Cache(tmp_path).find(PROBLEM, "cpu", [choice.spec])
     assert entry is not None and entry.algorithm == choice.spec.algorithm
     assert entry.source == "benchmark" and entry.trustworthy
     dispatch.reset()  # as if a new process started

@@ -59,9 +59,9 @@ def _own_kernels_everywhere(problems, cache_dir):
     cache = autotune.Cache(cache_dir)
     for problem in problems:
         specs = registry.kernels_for(problem, "cpu")
-        own = next(s for s in specs if s.algorithm != VENDOR)
+        own = next(c for c in registry.valid_configs(problem, specs) if c.algorithm != VENDOR)
         cache.store(Entry(problem=problem, device=device.fingerprint("cpu"), versions=device.versions(),
-                          algorithm=own.algorithm, knobs=own.default_config(problem).as_dict(),
+                          algorithm=own.algorithm, knobs=own.as_dict(),
                           kernel_hashes={s.algorithm: s.source_hash for s in specs}, median_ms=1.0,
                           p20_ms=1.0, p80_ms=1.0, vendor_ms=2.0, best_own=None, trials={"ok": 1},
                           threads=torch.get_num_threads(), trustworthy=True))
