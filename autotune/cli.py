@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--stop", choices=("budget", "auto"), default="budget",
                         help="budget: measure --trials configs (default); auto: stop early once the best "
                         "has stalled and the rest of the budget cannot pay for itself over --calls calls")
+    search.add_argument("--in-process", action="store_true",
+                        help="evaluate candidates in this process instead of an isolated worker: "
+                        "less overhead, but a kernel that crashes or hangs ends the search")
     search.add_argument("--calls", type=int, default=None, metavar="N",
                         help="with --stop auto: how often the kernel will run (default 10000)")
     _threads_option(search)
@@ -224,7 +227,8 @@ def _search(args, cache: Cache, problem: Problem, specs, progress):
     entry = search(problem, device=args.device, cache=cache, trials=args.trials, timeout=args.timeout,
                    sampler=args.sampler, storage=storage, seed=args.seed, specs=specs, progress=progress,
                    force=args.force, threads=args.threads, study_name=name,
-                   stop_calls=(args.calls or DEFAULT_CALLS) if args.stop == "auto" else None)
+                   stop_calls=(args.calls or DEFAULT_CALLS) if args.stop == "auto" else None,
+                   in_process=args.in_process)
     args.study = (storage, name)  # printed with the result: open it with Optuna's own tools
     if not entry.trustworthy:
         warnings.warn(f"{problem.describe()}: timing not trustworthy: {entry.reason}; nothing was cached",

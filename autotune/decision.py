@@ -65,7 +65,7 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
            study_name: str | None = None, seed: int | None = 0, specs: Sequence | None = None,
            force: bool = False, progress=False, threads: int | None = None, evaluate=None,
            source: str = "search", unwritable_ok: bool = False, warm_start: bool = True,
-           stop_calls: int | None = None) -> Entry:
+           stop_calls: int | None = None, in_process: bool = False) -> Entry:
     """The cached entry for `problem`, or tune it (Optuna), decide, and cache a trustworthy result.
 
     threads pins torch's CPU thread count for the search (None: as it is); it is part of the
@@ -75,7 +75,8 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
     the entry is returned uncached, as training needs). warm_start measures the winners of
     cached neighbouring shapes (same op, other batch size or channels) right after the defaults.
     stop_calls (`--stop auto`) ends the search early when the rest of the budget cannot pay for
-    itself over that many calls of the kernel (autotune.stopping).
+    itself over that many calls of the kernel (autotune.stopping). Candidates run in an isolated
+    worker process unless `in_process` (or a custom `evaluate` is given).
     """
     specs = _specs(problem, device, specs)
     cache = cache if cache is not None else Cache()
@@ -90,7 +91,8 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
         warm = warm_configs(cache.neighbours(problem, device)) if warm_start else []
         result = tune(problem, device=device, trials=trials, timeout=timeout, sampler=sampler,
                       storage=storage, study_name=name, seed=seed, specs=specs, progress=progress,
-                      fresh=force, evaluate=evaluate, warm_start=warm, stop_calls=stop_calls)
+                      fresh=force, evaluate=evaluate, warm_start=warm, stop_calls=stop_calls,
+                      in_process=in_process)
         if result.best_own is None and result.vendor is None:
             counts = ", ".join(f"{k} {v}" for k, v in result.counts().items())
             raise AutotuneError(f"no candidate passed verification for {problem.describe()} ({counts}); "

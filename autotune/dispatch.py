@@ -151,8 +151,11 @@ def _measure(problem: Problem, device: str, specs, inputs, cache: Cache):
 
     try:
         if _state.policy == "tune":
+            # In process on the CPU: a worker would be spawned per shape (~2.5 s each), re-importing
+            # the user's training script as multiprocessing's spawn does; training runs these
+            # kernels in its own process anyway once chosen.
             return decision.search(problem, device=device, cache=cache, trials=TUNE_TRIALS, specs=specs,
-                                   source="tune", unwritable_ok=True)
+                                   source="tune", unwritable_ok=True, in_process=device == "cpu")
         if inputs is None:  # a gradient not computed yet: random tensors of its shape
             inputs = make_inputs(problem, device=device)
         return decision.benchmark(problem, device=device, inputs=inputs, cache=cache, specs=specs)

@@ -144,12 +144,13 @@ def tune(
     confirm_top: int = 3,
     warm_start: Sequence[Config] = (),
     stop_calls: int | None = None,
+    in_process: bool = False,
 ) -> TuneResult:
     """Find the fastest correct (algorithm, knobs) for `problem` on `device`.
 
-    evaluate(problem, spec, knobs) -> Outcome verifies then times one candidate (default: in
-    process, measure.evaluate). specs defaults to every registered kernel that supports the
-    problem on the device. storage is any Optuna storage URL (None: in memory); a study of the
+    evaluate(problem, spec, knobs) -> Outcome verifies then times one candidate (default: in an
+    isolated worker process, or in this one with `in_process`). specs defaults to every
+    registered kernel that supports the problem on the device. storage is any Optuna storage URL (None: in memory); a study of the
     same name resumes where it stopped unless `fresh`. confirm_top re-times the best few
     candidates and the vendor in interleaved rounds at the end, so the winner is not a lucky
     sample; our kernel is chosen over the vendor only when faster beyond the noise. warm_start
@@ -163,21 +164,26 @@ def tune(
         raise UnknownNameError(f"no kernel supports {problem.describe()} on {device}")
     with contextlib.ExitStack() as stack:
         if evaluate is None:
-            evaluate = _default_evaluator(device, seed or 0, stack)
+            evaluate = _default_evaluator(device, seed or 0, stack, in_process)
         return _search(problem, specs, evaluate, device=device, trials=trials, timeout=timeout,
                        sampler=sampler, storage=storage, study_name=study_name, seed=seed,
                        progress=progress, fresh=fresh, confirm_top=confirm_top, warm_start=warm_start,
                        stop_calls=stop_calls)
 
 
-def _default_evaluator(device: str, seed: int, stack: contextlib.ExitStack) -> Evaluate:
-    """In process on the CPU. On a GPU a bad candidate can kill the CUDA context or hang, so
-    candidates run in a worker process with a per-candidate timeout, restarted after a crash."""
-    if device != "cuda":
+def _default_evaluator(device: str, seed: int, stack: contextlib.ExitStack, in_process: bool) -> Evaluate:
+    """Candidates run in a worker process with a per-candidate timeout, restarted after a crash:
+    a kernel that segfaults, calls os._exit, hangs or (on a GPU) poisons the CUDA context is a
+    recorded result, not the end of the search. `in_process` trades that for less overhead."""
+    if in_process:
         return functools.partial(measure.evaluate, device=device, seed=seed)
+    import torch
+
     from autotune.worker import IsolatedEvaluator
 
-    return stack.enter_context(IsolatedEvaluator(device=device, seed=seed, timeout_s=CANDIDATE_TIMEOUT_S))
+    return stack.enter_context(IsolatedEvaluator(
+        device=device, seed=seed, timeout_s=CANDIDATE_TIMEOUT_S,
+        threads=torch.get_num_threads() if device == "cpu" else None))
 
 
 def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, storage, study_name, seed,
@@ -209,6 +215,9 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
             if config is None:  # every valid config measured
                 break
             spec = by_name[config.algorithm]
+            if deadline is not None and hasattr(evaluate, "timeout_s"):
+                # --timeout bounds the whole search, the candidate in flight included.
+                evaluate.timeout_s = max(1.0, min(CANDIDATE_TIMEOUT_S, deadline - time.monotonic()))
             outcome = evaluate(problem, spec, config.as_dict())
             seen[config.key()] = outcome
             proposer.tell(config, outcome)

@@ -67,10 +67,12 @@ def _evaluate_request(request: dict, device: str, kernel_modules: Sequence[str],
     return Outcome.as_dict(outcome)
 
 
-def _serve(conn, device: str, kernel_modules: list[str], options: dict) -> None:
+def _serve(conn, device: str, kernel_modules: list[str], options: dict, threads: int | None = None) -> None:
     """Worker main loop: one JSON request in, one JSON outcome out, until told to stop."""
-    import torch  # noqa: F401 - import (and on a GPU, create the context) before saying ready
+    import torch  # import (and on a GPU, create the context) before saying ready
 
+    if threads:
+        torch.set_num_threads(threads)
     if device == "cuda":
         torch.cuda.init()
     conn.send_bytes(b'"ready"')
@@ -114,12 +116,16 @@ class IsolatedEvaluator:
 
     def __init__(self, *, device: str, timeout_s: float = 60.0,
                  start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
-                 kernel_modules: Sequence[str] = (), seed: int = 0, rep_ms: float | None = None):
+                 kernel_modules: Sequence[str] = (), seed: int = 0, rep_ms: float | None = None,
+                 threads: int | None = None):
         self.device = device
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
         self.kernel_modules = list(kernel_modules)
         self.options = {"seed": seed, **({"rep_ms": rep_ms} if rep_ms is not None else {})}
+        # torch's CPU thread count for the worker's timings (the parent's --threads; a spawned
+        # process would otherwise start with torch's default).
+        self.threads = threads
         self._context = multiprocessing.get_context("spawn")
         self._process = None
         self._conn = None
@@ -177,7 +183,7 @@ class IsolatedEvaluator:
         self._stop()
         parent, child = self._context.Pipe(duplex=True)
         self._process = self._context.Process(
-            target=_serve, args=(child, self.device, self.kernel_modules, self.options),
+            target=_serve, args=(child, self.device, self.kernel_modules, self.options, self.threads),
             name="autotune-worker", daemon=True,
         )
         self._process.start()
