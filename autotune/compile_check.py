@@ -243,17 +243,24 @@ class _Worker:
             [sys.executable, "-m", "autotune.compile_check"], env=_worker_env(),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
-        line = self._read(START_TIMEOUT_S)
-        if line is None or line.strip() != "ready":
+        if self._read(START_TIMEOUT_S, "ready") is None:
             self.close()
             raise AutotuneError("the compile-check worker did not start (does triton import here?)")
 
-    def _read(self, timeout_s: float) -> str | None:
+    def _read(self, timeout_s: float, prefix: str) -> str | None:
+        """The worker's next line that starts with `prefix` (anything a library printed outside a
+        compile is skipped), or None when it dies or `timeout_s` passes."""
         assert self.proc is not None and self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
-        if not ready:
-            return None
-        return self.proc.stdout.readline() or None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
+            line = self.proc.stdout.readline()
+            if not line:
+                return None
+            if line.startswith(prefix):
+                return line
 
     def compile(self, job: Job, timeout_s: float) -> Row:
         if self.proc is None or self.proc.poll() is not None:
@@ -261,7 +268,7 @@ class _Worker:
         assert self.proc is not None and self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(asdict(job)) + "\n")
         self.proc.stdin.flush()
-        line = self._read(timeout_s)
+        line = self._read(timeout_s, "{")
         if line is None:
             dead = self.proc.poll() is not None
             self.close()
@@ -420,6 +427,7 @@ def summarize(rows: Sequence[Row], the_plan: Plan | None = None) -> dict:
     """Totals and per-(arch, kernel) lines; what `autotune compile-check --json` prints."""
     def block(subset: Sequence[Row], rejected: int) -> dict:
         ratios = [r.smem_ratio() for r in subset if r.smem_ratio() is not None]
+        binaries = {(r.arch, r.op, r.algorithm, r.problem, r.binary) for r in subset if r.binary}
         times = [r.seconds for r in subset if r.status == "compiled" and r.seconds is not None]
         return {
             "configs": len(subset) + rejected,
@@ -427,6 +435,8 @@ def summarize(rows: Sequence[Row], the_plan: Plan | None = None) -> dict:
             "rejected": rejected,
             "failed": sum(r.status != "compiled" for r in subset),
             "spilled": sum(bool(r.spill_bytes) for r in subset),
+            # configs whose cubin another config of the same kernel and problem already gave
+            "duplicates": sum(r.binary is not None for r in subset) - len(binaries),
             "smem_ratio_min": round(min(ratios), 3) if ratios else None,
             "smem_ratio_max": round(max(ratios), 3) if ratios else None,
             "compile_s_p50": _percentile(times, 0.5),
@@ -469,7 +479,6 @@ def _csv(text: str) -> list[str]:
 
 def run_cli(args) -> int:
     from autotune.problem import OPS
-    from autotune.report import format_table
 
     try:
         archs = [int(a) for a in _csv(args.arch)]
@@ -490,19 +499,26 @@ def run_cli(args) -> int:
     rows, the_plan = compile_check(default_problems(ops, dtypes), archs=archs, samples=args.samples,
                                    seed=args.seed, workers=args.workers, timeout_s=args.timeout)
     summary = summarize(rows, the_plan)
-    if args.json:
-        print(json.dumps(summary, indent=1))
-    else:
-        print(format_table(
-            ("target", "op", "algorithm", "configs", "compiled", "rejected", "failed", "spilled",
-             "smem compiler/estimate", "compile s p50", "p95"),
-            [(f"sm_{k['arch']}", k["op"], k["algorithm"], k["configs"], k["compiled"], k["rejected"],
-              k["failed"], k["spilled"], _ratio_range(k), k["compile_s_p50"], k["compile_s_p95"])
-             for k in [*summary["kernels"], {**summary, "arch": "*", "op": "all", "algorithm": ""}]]))
-        for failure in summary["failures"]:
-            print(f"FAILED sm_{failure['arch']} {failure['problem']} {failure['algorithm']} "
-                  f"{failure['knobs']}: {failure['message']}")
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
     return 1 if summary["failed"] else 0
+
+
+def format_summary(summary: dict) -> str:
+    """The table `autotune compile-check` prints: a line per (target, kernel), then the total,
+    then each failure."""
+    from autotune.report import format_table
+
+    lines = [format_table(
+        ("target", "op", "algorithm", "configs", "compiled", "rejected", "failed", "spilled",
+         "same cubin", "smem compiler/estimate", "compile s p50", "p95"),
+        [(f"sm_{k['arch']}", k["op"], k["algorithm"], k["configs"], k["compiled"], k["rejected"],
+          k["failed"], k["spilled"], k["duplicates"], _ratio_range(k), k["compile_s_p50"],
+          k["compile_s_p95"])
+         for k in [*summary["kernels"], {**summary, "arch": "*", "op": "all", "algorithm": ""}]])]
+    for failure in summary["failures"]:
+        lines.append(f"FAILED sm_{failure['arch']} {failure['problem']} {failure['algorithm']} "
+                     f"{failure['knobs']}: {failure['message']}")
+    return "\n".join(lines)
 
 
 def _ratio_range(block: dict) -> str:

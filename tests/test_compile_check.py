@@ -76,7 +76,9 @@ def test_compile_check_sm90_five_samples():
     rows, plan = compile_check(archs=(90,), samples=5, workers=2)
     summary = summarize(rows, plan)
     assert summary["failed"] == 0, summary["failures"]
-    assert 0.9 <= summary["smem_ratio_min"] <= summary["smem_ratio_max"] <= 1.1
+    # check()'s shared-memory estimate is an upper bound of the compiler's figure (it cannot see
+    # the pipeliner's per-problem choices): never below it, so it never admits an overflow.
+    assert 0 < summary["smem_ratio_min"] <= summary["smem_ratio_max"] <= 1.0
 
 
 def test_int32_offsets_boundary_gemm():
