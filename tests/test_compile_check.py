@@ -98,3 +98,18 @@ def test_int32_offsets_boundary_conv():
     # x: 8192 x 64 x 64 x 64 = 2^31 elements
     assert "2^31" in conv.supports(Conv2dProblem(n=8192, c=64, h=64, w=64, k=8, r=1, s=1, dtype="float16"))
     assert conv.supports(Conv2dProblem(n=8191, c=64, h=64, w=64, k=8, r=1, s=1, dtype="float16")) is None
+
+
+def test_conv_num_stages_only_where_it_changes_the_kernel():
+    """fp16/bf16 conv2d and bwd_data: stages 1-4 compile to the same cubin (gathers are not
+    cp.async'd), so only the default is admitted; fp32 and bwd_weight keep the knob."""
+    problem = Conv2dProblem(n=64, c=64, h=32, w=32, k=64, r=3, s=3, padding=1, dtype="float16")
+    knobs = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3,
+             "input_precision": "ieee", "loop_order": "flat"}
+    fwd = registry.get("conv2d", "implicit_gemm", "cuda")
+    assert "duplicate" in fwd.check(problem, knobs)
+    assert fwd.check(problem, {**knobs, "num_stages": 2}) is None
+    assert fwd.check(Conv2dProblem(n=64, c=64, h=32, w=32, k=64, r=3, s=3, padding=1), knobs) is None
+    wgrad = registry.get("conv2d_bwd_weight", "implicit_gemm", "cuda")
+    wknobs = {k: v for k, v in knobs.items() if k != "loop_order"} | {"split_k": 1}
+    assert wgrad.check(problem.with_op("conv2d_bwd_weight"), wknobs) is None
