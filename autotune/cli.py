@@ -1,4 +1,4 @@
-"""`autotune search|show|bench|cache|info`: the command line.
+"""`autotune search|show|bench|cache|info|compile-check`: the command line.
 
 Bad input exits with status 2 and one line that says what is wrong; nothing is written before
 the input has been validated.
@@ -127,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="device fingerprint, library versions and registered kernels")
     _common(info)
+
+    from autotune import compile_check
+
+    check = sub.add_parser("compile-check", help="compile every Triton kernel for GPU targets, no GPU needed",
+                           description="Compile each Triton kernel's default and sampled configs for real "
+                           "targets (sm_80, sm_90) with Triton's bundled ptxas, no GPU or driver: failures, "
+                           "registers, spills, shared memory against check()'s estimate. Exit 1 if a config "
+                           "check() admits does not compile. A compile proof, not a run.")
+    compile_check.add_arguments(check)
+    _common(check)
     return parser
 
 
@@ -383,6 +393,13 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
-COMMANDS = {"search": cmd_search, "show": cmd_show, "bench": cmd_bench, "cache": cmd_cache, "info": cmd_info}
+def cmd_compile_check(args) -> int:
+    from autotune.compile_check import run_cli
+
+    return run_cli(args)
+
+
+COMMANDS = {"search": cmd_search, "show": cmd_show, "bench": cmd_bench, "cache": cmd_cache, "info": cmd_info,
+            "compile-check": cmd_compile_check}
 
 __all__ = ["main", "build_parser"]

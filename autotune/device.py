@@ -7,8 +7,11 @@ the versions of the libraries whose code we time.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import platform
+from collections.abc import Iterator
 from functools import cache
 
 import numpy as np
@@ -17,6 +20,36 @@ import torch
 from autotune.errors import DeviceError, UnknownNameError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# The CUDA compute capability (80 = sm_80) kernels are being compiled for without a GPU
+# (`autotune compile-check`); None: whatever GPU this process has.
+_COMPILE_TARGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("compile_target", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(capability: int) -> Iterator[None]:
+    """Within the block, kernels' checks and launchers target sm_<capability>: launchers only
+    compile (nothing runs, CPU tensors stand in for CUDA ones) and checks use its limits."""
+    token = _COMPILE_TARGET.set(capability)
+    try:
+        yield
+    finally:
+        _COMPILE_TARGET.reset(token)
+
+
+def compile_target() -> int | None:
+    """The capability set by compiling_for(), else None."""
+    return _COMPILE_TARGET.get()
+
+
+def cuda_capability() -> int | None:
+    """The capability kernels are built for: compiling_for()'s, else this GPU's, else None."""
+    target = _COMPILE_TARGET.get()
+    if target is not None:
+        return target
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return major * 10 + minor
+    return None
 
 
 def resolve(name: str = "auto") -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import io
 import math
 import statistics
 import time
@@ -186,13 +187,21 @@ def clearly_faster(ours: Measurement, theirs: Measurement) -> bool:
     return ours.median * (1 + max(ours.spread(), theirs.spread())) < theirs.median
 
 
+COMPILE_ERRORS = ("CompilationError", "CompileTimeAssertionFailure", "UnsupportedLanguageConstruct",
+                  "PTXASError")
+
+
 def classify_exception(exc: BaseException) -> Status:
     """Map a kernel failure to a trial status (a failure is a result, not a crash)."""
     name = type(exc).__name__
     text = str(exc)
     if name == "OutOfResources" or "out of resource" in text.lower() or isinstance(exc, torch.OutOfMemoryError):
         return Status.OUT_OF_RESOURCES
-    if name in ("CompilationError", "CompileTimeAssertionFailure") or "compil" in name.lower():
+    # Triton's front end (CompilationError and subclasses), ptxas (PTXASError, e.g. "Insufficient
+    # registers") and its MLIR passes (a RuntimeError "PassManager::run failed").
+    if (name in COMPILE_ERRORS or "compil" in name.lower()
+            or any(cls.__name__ in COMPILE_ERRORS for cls in type(exc).__mro__)
+            or "PassManager::run failed" in text):
         return Status.COMPILE_ERROR
     return Status.CRASHED
 
@@ -238,7 +247,10 @@ def evaluate_on(problem: Problem, spec, knobs, inputs, ref, *, device: str,
     out = empty_output(problem, device=device)
     out.fill_(float("nan"))
     try:
-        result = spec.run(problem, knobs, inputs, out)
+        # Triton prints the whole PTX (tens of KB) to stdout when ptxas fails; the exception
+        # carries ptxas's own message, so the dump is dropped.
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = spec.run(problem, knobs, inputs, out)
         if device == "cuda":
             torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001 - any kernel failure is a trial result

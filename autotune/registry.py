@@ -82,6 +82,9 @@ class KernelSpec:
     # True when the kernel's library allocates its result (torch's ops): run() then accepts
     # out=None, which spares the hot path an allocation.
     allocates: bool = False
+    # What check() believes a config needs on a GPU, e.g. {"shared": bytes, "registers": per
+    # thread}; `autotune compile-check` compares it with the compiler's figures.
+    resources: Callable[[Problem, Knobs], Mapping[str, int]] | None = None
     # Filled in by the registry:
     space: Space = Space()
     source_hash: str = ""

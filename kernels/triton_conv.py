@@ -41,7 +41,12 @@ from kernels.triton_tiles import (
     DTYPES,
     INPUT_PRECISIONS,
     check_dot_tile,
+    check_elements,
+    check_int32_offsets,
+    check_registers,
     dot_precision,
+    dot_tile_resources,
+    dot_tile_shared,
     k_per_split,
     pow2_at_least,
     require_device,
@@ -49,6 +54,7 @@ from kernels.triton_tiles import (
 )
 
 LOOP_ORDERS = ("flat", "taps_outer", "channels_outer")
+DEFAULT_STAGES = 2
 DIRECT_MAX_ACC_REGISTERS = 128
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +269,7 @@ def _sizes(problem: Conv2dProblem) -> tuple[int, ...]:
 
 
 def _launch_options(knobs) -> dict:
-    return dict(num_warps=knobs["num_warps"], num_stages=knobs.get("num_stages", 2))
+    return dict(num_warps=knobs["num_warps"], num_stages=knobs.get("num_stages", DEFAULT_STAGES))
 
 
 def conv2d_implicit_gemm(problem, knobs, x, w, out, bias=None, relu=False):
@@ -374,7 +380,7 @@ def _run_bwd_weight(problem, knobs, inputs, out):
 def supports(problem) -> str | None:
     if problem.dtype not in DTYPES:
         return f"Triton conv runs {', '.join(DTYPES)}, not {problem.dtype}"
-    return None
+    return check_int32_offsets(problem)
 
 
 def gemm_dims(problem: Conv2dProblem) -> tuple[int, int, int]:
@@ -421,8 +427,37 @@ def check_implicit_gemm(problem: Conv2dProblem, knobs) -> str | None:
         split_k = knobs["split_k"]
         if split_k < 1 or (split_k > 1 and k_per_split(red, split_k, knobs["BLOCK_K"]) * (split_k - 1) >= red):
             return f"split_k={split_k} leaves a split empty with N·P·Q={red}, BLOCK_K={knobs['BLOCK_K']}"
+        reason = check_elements(split_k * m * n, "the split-K workspace")
+        if reason:
+            return reason
+    if (problem.dtype != "float32" and problem.op != "conv2d_bwd_weight"
+            and knobs["num_stages"] != DEFAULT_STAGES):
+        # Measured: the cubins of num_stages 1-4 are byte-identical here (see implicit_gemm_shared).
+        return (f"num_stages={knobs['num_stages']} compiles to the same kernel as num_stages={DEFAULT_STAGES} "
+                f"for {problem.dtype} {problem.op} (its gathered loads are not pipelined): a duplicate")
     return check_dot_tile(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["BLOCK_K"], knobs["num_warps"],
-                          knobs["num_stages"], problem.dtype)
+                          knobs["num_stages"], problem.dtype, shared=implicit_gemm_shared(problem, knobs))
+
+
+def implicit_gemm_shared(problem: Conv2dProblem, knobs) -> int:
+    """Gathered loads of 2-byte elements cannot be cp.async'd (4 bytes at least), so they get one
+    buffer whatever num_stages is; float32 gathers and bwd_weight's contiguous dY tile are
+    pipelined. Only bwd_weight re-lays its accumulator out through shared memory for the store.
+    (Measured with autotune compile-check for sm_90.)"""
+    stages = knobs.get("num_stages", DEFAULT_STAGES)
+    half = problem.dtype != "float32"
+    if problem.op == "conv2d_bwd_weight":
+        a_buffers, b_buffers, epilogue = stages, 1 if half else stages, True
+    else:
+        a_buffers = b_buffers = 1 if half else stages
+        epilogue = False
+    return dot_tile_shared(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["BLOCK_K"], problem.dtype,
+                           a_buffers=a_buffers, b_buffers=b_buffers, epilogue=epilogue)
+
+
+def implicit_gemm_resources(problem: Conv2dProblem, knobs) -> dict[str, int]:
+    return dot_tile_resources(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["num_warps"],
+                              implicit_gemm_shared(problem, knobs))
 
 
 def check_direct(problem: Conv2dProblem, knobs) -> str | None:
@@ -439,7 +474,7 @@ def check_direct(problem: Conv2dProblem, knobs) -> str | None:
         return f"num_warps={knobs['num_warps']} leaves threads idle on a {tile}-element tile"
     if tile > threads * DIRECT_MAX_ACC_REGISTERS:
         return f"a {tile}-element tile needs > {DIRECT_MAX_ACC_REGISTERS} registers per thread (spills)"
-    return None
+    return check_registers(-(-tile // threads), knobs["num_warps"])
 
 
 def _warps_for(tile_elements: int, per_warp: int, most: int = 8) -> int:
@@ -458,7 +493,7 @@ def implicit_gemm_defaults(problem: Conv2dProblem | None, op: str = "conv2d") ->
     block_k = pow2_at_least(red, 16, 64 if wide else 32)
     knobs = {
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-        "num_warps": _warps_for(block_m * block_n, 256, 4), "num_stages": 2,
+        "num_warps": _warps_for(block_m * block_n, 256, 4), "num_stages": DEFAULT_STAGES,
         "input_precision": "ieee",
     }
     if op == "conv2d_bwd_weight":
@@ -494,12 +529,14 @@ def _bwd_weight_defaults(problem):
 
 KERNELS = [
     KernelSpec(op="conv2d", algorithm="implicit_gemm", backend="triton", run=_run_fwd_implicit,
-               supports=supports, check=check_implicit_gemm, defaults=_fwd_defaults),
+               supports=supports, check=check_implicit_gemm, defaults=_fwd_defaults,
+               resources=implicit_gemm_resources),
     KernelSpec(op="conv2d", algorithm="direct", backend="triton", run=_run_fwd_direct,
                supports=supports, check=check_direct, defaults=direct_defaults),
     KernelSpec(op="conv2d_bwd_data", algorithm="implicit_gemm", backend="triton", run=_run_bwd_data,
-               supports=supports, check=check_implicit_gemm, defaults=_bwd_data_defaults),
+               supports=supports, check=check_implicit_gemm, defaults=_bwd_data_defaults,
+               resources=implicit_gemm_resources),
     KernelSpec(op="conv2d_bwd_weight", algorithm="implicit_gemm", backend="triton",
                run=_run_bwd_weight, supports=supports, check=check_implicit_gemm,
-               defaults=_bwd_weight_defaults),
+               defaults=_bwd_weight_defaults, resources=implicit_gemm_resources),
 ]

@@ -38,7 +38,11 @@ from kernels.triton_tiles import (
     INPUT_PRECISIONS,
     MIN_DOT,
     check_dot_tile,
+    check_elements,
+    check_int32_offsets,
     dot_precision,
+    dot_tile_resources,
+    dot_tile_shared,
     k_per_split,
     pow2_at_least,
     require_device,
@@ -173,7 +177,7 @@ def run(problem: GemmProblem, knobs, inputs, out):
 def supports(problem) -> str | None:
     if problem.dtype not in DTYPES:
         return f"Triton GEMM runs {', '.join(DTYPES)}, not {problem.dtype}"
-    return None
+    return check_int32_offsets(problem)
 
 
 def check(problem: GemmProblem, knobs) -> str | None:
@@ -188,8 +192,24 @@ def check(problem: GemmProblem, knobs) -> str | None:
     if knobs["split_k"] > 1 and k_per_split(problem.k, knobs["split_k"], knobs["BLOCK_K"]) * (
             knobs["split_k"] - 1) >= problem.k:
         return f"split_k={knobs['split_k']} leaves a split empty with K={problem.k}, BLOCK_K={knobs['BLOCK_K']}"
+    if knobs["split_k"] > 1:
+        reason = check_elements(knobs["split_k"] * problem.m * problem.n, "the split-K workspace")
+        if reason:
+            return reason
     return check_dot_tile(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["BLOCK_K"],
-                          knobs["num_warps"], knobs["num_stages"], problem.dtype)
+                          knobs["num_warps"], knobs["num_stages"], problem.dtype,
+                          shared=shared_bytes(problem, knobs))
+
+
+def shared_bytes(problem: GemmProblem, knobs) -> int:
+    """Both operands pipelined (num_stages copies), the accumulator re-laid out for the store."""
+    return dot_tile_shared(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["BLOCK_K"], problem.dtype,
+                           a_buffers=knobs["num_stages"], b_buffers=knobs["num_stages"], epilogue=True)
+
+
+def resources(problem: GemmProblem, knobs) -> dict[str, int]:
+    return dot_tile_resources(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["num_warps"],
+                              shared_bytes(problem, knobs))
 
 
 def defaults(problem: GemmProblem | None) -> dict:
@@ -216,5 +236,5 @@ def defaults(problem: GemmProblem | None) -> dict:
 
 KERNELS = [
     KernelSpec(op="gemm", algorithm="tiled", backend="triton", run=run, supports=supports,
-               check=check, defaults=defaults),
+               check=check, defaults=defaults, resources=resources),
 ]

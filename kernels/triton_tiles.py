@@ -10,20 +10,37 @@ pass; see kernels/triton_gemm.py for why that beats atomic adds.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
 import triton.language as tl
 
+from autotune import device
+
 DTYPES = ("float32", "float16", "bfloat16")
 INPUT_PRECISIONS = ("ieee", "tf32")
 MIN_DOT = 16  # tl.dot's smallest tile edge
 WARPS = (1, 2, 4, 8, 16)
-# Fallback when torch cannot tell: an H100's opt-in shared memory per block (227 KiB).
+# Opt-in shared memory per block by compute capability (CUDA programming guide, table of
+# technical specifications), for targets compiled without a GPU (autotune compile-check).
+SHARED_MEMORY_BY_CAPABILITY = {70: 96 * 1024, 75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024,
+                               89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
+# Fallback when nothing can tell: an H100's opt-in shared memory per block (227 KiB).
 DEFAULT_SHARED_MEMORY = 227 * 1024
 # An accumulator above this many float32 registers per thread spills to local memory.
 MAX_ACC_REGISTERS = 128
+# A block's threads share 64K registers and a thread has at most 255: with 16 warps (512 threads)
+# a thread gets 128. Besides its accumulator a tl.dot loop keeps operand fragments, addresses and
+# loop state live; ptxas refuses a 256x256 tile on 16 warps ("(C7602) Insufficient registers
+# (128)": the accumulator alone is 128), so that much is kept free.
+REGISTERS_PER_BLOCK = 64 * 1024
+MAX_THREAD_REGISTERS = 255
+REGISTER_RESERVE = 32
 REDUCE_BLOCK = 1024
+# Offsets in our kernels are int32 (index x stride products of int32 program ids, aranges and
+# int32 sizes): a tensor with more elements than this would wrap and read or write out of bounds.
+MAX_ELEMENTS = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,8 +76,9 @@ def is_interpreted(kernel) -> bool:
 
 
 def require_device(kernel, tensor: torch.Tensor) -> None:
-    """A CPU tensor only works with the interpreter, which must be chosen before the import."""
-    if tensor.device.type != "cuda" and not is_interpreted(kernel):
+    """A CPU tensor only works with the interpreter, which must be chosen before the import, or
+    while compiling for a target without a GPU (autotune compile-check: nothing is launched)."""
+    if tensor.device.type != "cuda" and not is_interpreted(kernel) and device.compile_target() is None:
         raise RuntimeError(
             "Triton kernels need CUDA tensors; to run them on the CPU set TRITON_INTERPRET=1 "
             "before kernels.triton_* is imported"
@@ -88,9 +106,16 @@ def k_per_split(k: int, split_k: int, block_k: int) -> int:
     return triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
 
 
-@functools.cache
 def shared_memory_limit() -> int:
-    """Bytes of shared memory one program may use on this GPU."""
+    """Bytes of shared memory one program may use on the target (see autotune.device)."""
+    target = device.compile_target()
+    if target is not None:
+        return SHARED_MEMORY_BY_CAPABILITY.get(target, DEFAULT_SHARED_MEMORY)
+    return _gpu_shared_memory()
+
+
+@functools.cache
+def _gpu_shared_memory() -> int:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         limit = getattr(props, "shared_memory_per_block_optin", 0)
@@ -103,9 +128,39 @@ def element_size(dtype: str) -> int:
     return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
+def check_int32_offsets(problem) -> str | None:
+    """supports(): refuse problems whose tensors the kernels' int32 offsets cannot address."""
+    shapes = [*problem.input_shapes(), problem.output_shape()]
+    return check_elements(max(math.prod(shape) for shape in shapes), "a tensor of the problem")
+
+
+def check_elements(elements: int, what: str) -> str | None:
+    if elements > MAX_ELEMENTS:
+        return (f"{what} has {elements} elements, more than the 2^31 - 1 the Triton kernels' int32 "
+                "offsets can address; split the problem or use another algorithm")
+    return None
+
+
+def dot_tile_shared(block_m: int, block_n: int, block_k: int, dtype: str, *, a_buffers: int,
+                    b_buffers: int, epilogue: bool) -> int:
+    """Bytes of shared memory a tl.dot loop gets, as an upper bound of Triton's own figure.
+
+    Each operand tile has `a_buffers` / `b_buffers` copies in shared memory (num_stages when
+    Triton's pipeliner can cp.async it, one when it is only staged for the MMA); an epilogue that
+    re-lays the float32 accumulator out for the store needs BLOCK_M x BLOCK_N x 4 bytes of
+    scratch, reused after the loop. Compiled for sm_90 (autotune compile-check) the pipeliner's
+    choice also depends on the problem (divisibility of sizes and strides, trip count), which
+    check() does not see, so this is the most it allocates, not what it always allocates.
+    """
+    size = element_size(dtype)
+    loop = (a_buffers * block_m + b_buffers * block_n) * block_k * size
+    return max(loop, block_m * block_n * 4 if epilogue else 0)
+
+
 def check_dot_tile(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
-                   dtype: str) -> str | None:
-    """Constraints every tl.dot kernel shares: tile minimum, warps, registers, shared memory."""
+                   dtype: str, shared: int | None = None) -> str | None:
+    """Constraints every tl.dot kernel shares: tile minimum, warps, registers, shared memory
+    (`shared`: the kernel's own dot_tile_shared; default a GEMM's, every operand pipelined)."""
     for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k)):
         if value < MIN_DOT or value & (value - 1):
             return f"{name}={value}: tl.dot needs a power of two >= {MIN_DOT}"
@@ -114,12 +169,20 @@ def check_dot_tile(block_m: int, block_n: int, block_k: int, num_warps: int, num
         return reason
     if num_stages < 1:
         return f"num_stages={num_stages} must be >= 1"
-    smem = num_stages * (block_m + block_n) * block_k * element_size(dtype)
+    if shared is None:
+        shared = dot_tile_shared(block_m, block_n, block_k, dtype, a_buffers=num_stages,
+                                 b_buffers=num_stages, epilogue=True)
     limit = shared_memory_limit()
-    if smem > limit:
-        return (f"needs ~{smem // 1024} KiB shared memory ({num_stages} stages of "
-                f"{block_m}x{block_k} + {block_k}x{block_n}), the device has {limit // 1024} KiB")
+    if shared > limit:
+        return (f"needs ~{shared // 1024} KiB shared memory ({block_m}x{block_k} + {block_k}x{block_n} "
+                f"tiles, {num_stages} stages, epilogue), the device has {limit // 1024} KiB")
     return None
+
+
+def dot_tile_resources(block_m: int, block_n: int, num_warps: int, shared: int) -> dict[str, int]:
+    """What check_dot_tile believes a config needs (KernelSpec.resources)."""
+    return {"shared": shared, "shared_limit": shared_memory_limit(),
+            "registers": block_m * block_n // (num_warps * 32)}
 
 
 def check_warps(tile_elements: int, num_warps: int) -> str | None:
@@ -131,7 +194,20 @@ def check_warps(tile_elements: int, num_warps: int) -> str | None:
     if tile_elements > num_warps * 32 * MAX_ACC_REGISTERS:
         return (f"a {tile_elements}-element tile needs more than {MAX_ACC_REGISTERS} accumulator "
                 f"registers per thread with num_warps={num_warps} (spills)")
+    return check_registers(tile_elements // (num_warps * 32), num_warps)
+
+
+def check_registers(acc_registers: int, num_warps: int) -> str | None:
+    """The accumulator plus the loop's working set must fit the registers a thread can have."""
+    cap = thread_register_cap(num_warps)
+    if acc_registers + REGISTER_RESERVE > cap:
+        return (f"the accumulator needs {acc_registers} registers per thread and the loop ~{REGISTER_RESERVE} "
+                f"more; with num_warps={num_warps} a thread has {cap} (ptxas: insufficient registers)")
     return None
+
+
+def thread_register_cap(num_warps: int) -> int:
+    return min(MAX_THREAD_REGISTERS, REGISTERS_PER_BLOCK // (num_warps * 32))
 
 
 def pow2_at_least(n: int, lo: int, hi: int) -> int:

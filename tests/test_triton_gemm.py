@@ -112,7 +112,7 @@ def test_check_rejects_with_a_reason(change, words):
 
 def test_check_limits_shared_memory_and_registers():
     problem = GemmProblem(m=4096, n=4096, k=4096)
-    big = {"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 16, "num_stages": 5}
+    big = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 16, "num_stages": 5}
     assert "shared memory" in SPEC.check(problem, SPEC.full_knobs(problem, big))
     spilling = {"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
     assert "registers" in SPEC.check(problem, SPEC.full_knobs(problem, spilling))

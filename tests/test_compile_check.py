@@ -1,0 +1,115 @@
+"""`autotune compile-check`: Triton kernels compiled for sm_80/sm_90 with no GPU (real ptxas, no
+interpreter: the compiles run in worker processes with TRITON_INTERPRET unset), and the config
+rules that must agree with the compiler."""
+
+import json
+
+import pytest
+
+pytest.importorskip("triton")
+
+from autotune import registry  # noqa: E402
+from autotune.cli import main  # noqa: E402
+from autotune.compile_check import compile_check, summarize  # noqa: E402
+from autotune.device import compiling_for  # noqa: E402
+from autotune.measure import Status, classify_exception  # noqa: E402
+from autotune.problem import Conv2dProblem, GemmProblem  # noqa: E402
+
+GEMM = registry.get("gemm", "tiled", "cuda")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("arch", [80, 90])
+def test_check_rejects_what_ptxas_cannot_register_allocate(arch, dtype):
+    # ptxas: "(C7602) Insufficient registers (128)": 512 threads cap a thread at 128 registers
+    # and a 256x256 float32 accumulator alone needs 128 of them.
+    problem = GemmProblem(m=4096, n=4096, k=4096, dtype=dtype)
+    knobs = GEMM.full_knobs(problem, {"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 16, "num_warps": 16,
+                                      "num_stages": 2})
+    with compiling_for(arch):
+        reason = GEMM.check(problem, knobs)
+    assert reason is not None and "registers" in reason
+    # Half the tile fits.
+    with compiling_for(arch):
+        assert GEMM.check(problem, {**knobs, "BLOCK_N": 128}) is None
+
+
+def test_ptxas_errors_are_compile_errors():
+    from triton.runtime.errors import PTXASError
+
+    assert classify_exception(PTXASError("ptxas fatal: (C7602) Insufficient registers")) == Status.COMPILE_ERROR
+
+
+def test_small_compile_check_for_sm90_has_no_failures():
+    """What CI runs: real compiles of a gemm and a conv for sm_90, the defaults plus one sample."""
+    problems = [GemmProblem(m=64, n=120, k=400, trans_b=True, dtype="float16"),
+                Conv2dProblem(n=64, c=6, h=14, w=14, k=16, r=5, s=5, op="conv2d", dtype="float32")]
+    rows, plan = compile_check(problems, archs=(90,), samples=1, workers=2, timeout_s=120)
+    summary = summarize(rows, plan)
+    assert summary["failed"] == 0, summary["failures"]
+    # gemm tiled + conv2d implicit_gemm and direct, each default + one sample
+    assert summary["compiled"] == len(rows) == 6
+    for row in rows:
+        assert row.registers and row.seconds > 0 and row.shared is not None
+        assert row.spill_bytes is not None
+    assert summary["smem_ratio_min"] is not None
+
+
+def test_cli_json_and_bad_input(capsys):
+    code = main(["compile-check", "--arch", "80", "--samples", "0", "--op", "conv2d_bwd_data",
+                 "--dtypes", "float16", "--json"])
+    out, _ = capsys.readouterr()
+    data = json.loads(out)
+    assert code == 0 and data["failed"] == 0 and data["compiled"] == data["configs"] - data["rejected"] == 1
+    assert isinstance(data["smem_ratio_min"], float) and data["rows"][0]["arch"] == 80
+    for argv in (["--arch", "sm90"], ["--op", "conv3d"], ["--dtypes", "float64"], ["--samples", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            code = main(["compile-check", *argv])
+            raise SystemExit(code)
+        _, err = capsys.readouterr()
+        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_compile_check_sm90_five_samples():
+    """The issue's acceptance run: `autotune compile-check --arch 90 --samples 5`."""
+    rows, plan = compile_check(archs=(90,), samples=5, workers=2)
+    summary = summarize(rows, plan)
+    assert summary["failed"] == 0, summary["failures"]
+    # check()'s shared-memory estimate is an upper bound of the compiler's figure (it cannot see
+    # the pipeliner's per-problem choices): never below it, so it never admits an overflow.
+    assert 0 < summary["smem_ratio_min"] <= summary["smem_ratio_max"] <= 1.0
+
+
+def test_int32_offsets_boundary_gemm():
+    """C with 2^31 elements would wrap the kernels' int32 offsets: refused; one column less runs."""
+    too_big = GemmProblem(m=65536, n=32768, k=16, dtype="float16")
+    assert "2^31" in GEMM.supports(too_big)
+    assert GEMM.supports(GemmProblem(m=65536, n=32767, k=16, dtype="float16")) is None
+    assert [s.algorithm for s in registry.kernels_for(too_big, "cuda")] == ["vendor"]
+    # split-K's float32 workspace counts too.
+    fits = GemmProblem(m=32768, n=32768, k=4096, dtype="float16")
+    knobs = GEMM.full_knobs(fits, {"split_k": 4})
+    assert "workspace" in GEMM.check(fits, knobs) and GEMM.check(fits, {**knobs, "split_k": 1}) is None
+
+
+def test_int32_offsets_boundary_conv():
+    conv = registry.get("conv2d", "implicit_gemm", "cuda")
+    # x: 8192 x 64 x 64 x 64 = 2^31 elements
+    assert "2^31" in conv.supports(Conv2dProblem(n=8192, c=64, h=64, w=64, k=8, r=1, s=1, dtype="float16"))
+    assert conv.supports(Conv2dProblem(n=8191, c=64, h=64, w=64, k=8, r=1, s=1, dtype="float16")) is None
+
+
+def test_conv_num_stages_only_where_it_changes_the_kernel():
+    """fp16/bf16 conv2d and bwd_data: stages 1-4 compile to the same cubin (gathers are not
+    cp.async'd), so only the default is admitted; fp32 and bwd_weight keep the knob."""
+    problem = Conv2dProblem(n=64, c=64, h=32, w=32, k=64, r=3, s=3, padding=1, dtype="float16")
+    knobs = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3,
+             "input_precision": "ieee", "loop_order": "flat"}
+    fwd = registry.get("conv2d", "implicit_gemm", "cuda")
+    assert "duplicate" in fwd.check(problem, knobs)
+    assert fwd.check(problem, {**knobs, "num_stages": 2}) is None
+    assert fwd.check(Conv2dProblem(n=64, c=64, h=32, w=32, k=64, r=3, s=3, padding=1), knobs) is None
+    wgrad = registry.get("conv2d_bwd_weight", "implicit_gemm", "cuda")
+    wknobs = {k: v for k, v in knobs.items() if k != "loop_order"} | {"split_k": 1}
+    assert wgrad.check(problem.with_op("conv2d_bwd_weight"), wknobs) is None
