@@ -60,7 +60,8 @@ def check_problem(problem, evaluate, *, trials: int, timeout_s: float) -> dict:
     t0 = time.monotonic()
     result = tune(problem, device="cuda", trials=trials, timeout=timeout_s, evaluate=evaluate, seed=0)
     row = {"problem": problem_to_dict(problem), "describe": problem.describe(),
-           "trials": sum(result.counts().values()), "statuses": result.counts()}
+           "trials": sum(result.counts().values()), "statuses": result.counts(),
+           "valid_configs": result.valid_configs, "trustworthy": result.trustworthy}
     own = result.best_own
     if own is not None:
         knobs = own.config.as_dict()
@@ -82,7 +83,8 @@ def fmt_row(row: dict) -> str:
         return f"{name:<58} {'-':>10} {'-':>10} {'-':>7}  {row.get('error', 'no valid Triton config')}"
     return (f"{name:<58} {row['triton']['median_ms']:>10.4f} {row['torch']['median_ms']:>10.4f} "
             f"{row['speedup']:>7.2f}  {row['winner']:<6} {row['algorithm']} "
-            f"({row['trials']} trials{', tf32' if row['torch_tf32'] else ''})")
+            f"({row['trials']}/{row.get('valid_configs', '?')} cfgs{', tf32' if row['torch_tf32'] else ''}"
+            f"{'' if row.get('trustworthy', True) else ', UNTRUSTED'})")
 
 
 def run(args) -> dict:
