@@ -208,6 +208,10 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
     bar = _progress_bar(problem, budget, len(seen)) if own_bar else (progress or None)
     deadline = None if timeout is None else time.monotonic() + timeout
     stop = StopRule(budget=budget, calls=stop_calls) if stop_calls else None
+    # The isolated evaluator's per-candidate timeout is shortened near the deadline; it is put
+    # back afterwards, for the finalists' re-timing and for whoever shares the evaluator (seen on
+    # an H200: left short, it timed out every later candidate of gpu_check's other shapes).
+    candidate_timeout = getattr(evaluate, "timeout_s", None)
     try:
         while len(seen) < budget and (deadline is None or time.monotonic() < deadline):
             started = time.monotonic()
@@ -217,7 +221,7 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
             spec = by_name[config.algorithm]
             if deadline is not None and hasattr(evaluate, "timeout_s"):
                 # --timeout bounds the whole search, the candidate in flight included.
-                evaluate.timeout_s = max(1.0, min(CANDIDATE_TIMEOUT_S, deadline - time.monotonic()))
+                evaluate.timeout_s = max(1.0, min(candidate_timeout, deadline - time.monotonic()))
             outcome = evaluate(problem, spec, config.as_dict())
             seen[config.key()] = outcome
             proposer.tell(config, outcome)
@@ -229,6 +233,8 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
                 study.set_user_attr("stopped", stop.reason)
                 break
     finally:
+        if candidate_timeout is not None:
+            evaluate.timeout_s = candidate_timeout
         if own_bar:
             bar.close()
     return _result(problem, study, by_name, evaluate, confirm_top, device,

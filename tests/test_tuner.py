@@ -198,3 +198,20 @@ def test_warm_start_configs_come_right_after_the_defaults():
     assert timer.calls[:3] == [("tiled", (("BLOCK", 16), ("order", "ab"))), ("plain", ()),
                                ("tiled", (("BLOCK", 32), ("order", "ba")))]
     assert len(timer.calls) == 4
+
+
+def test_a_deadline_shortens_the_candidate_timeout_only_during_the_search():
+    """--timeout bounds the candidate in flight; the evaluator's own timeout is restored after
+    (the re-timing of finalists and later searches sharing the evaluator need it whole)."""
+    class Evaluator(FakeTimer):
+        timeout_s = 60.0
+
+        def __call__(self, problem, spec, knobs):
+            self.seen_timeouts = [*getattr(self, "seen_timeouts", []), self.timeout_s]
+            return super().__call__(problem, spec, knobs)
+
+    evaluator = Evaluator()
+    tune(PROBLEM, specs=[TILED, PLAIN], evaluate=evaluator, trials=3, timeout=30, confirm_top=1)
+    assert all(t <= 30 for t in evaluator.seen_timeouts[:3])
+    assert evaluator.seen_timeouts[3:] and all(t == 60.0 for t in evaluator.seen_timeouts[3:])
+    assert evaluator.timeout_s == 60.0
