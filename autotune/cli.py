@@ -165,6 +165,17 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 def _problem_from_args(args) -> Problem:
     if not args.shape:
         raise AutotuneError(f"{args.op} needs --shape (conv: CxHxW or NxCxHxW, gemm: MxNxK)")
+    if args.batch is not None and args.batch <= 0:
+        raise AutotuneError(f"--batch must be a positive integer, got {args.batch}")
+    # Options that do not apply to the op are mistakes, not something to ignore silently.
+    if args.op == "gemm":
+        stray = [name for name, value, default in (("--filters", args.filters, None), ("--batch", args.batch, None),
+                 ("--stride", args.stride, 1), ("--padding", args.padding, 0), ("--dilation", args.dilation, 1))
+                 if value != default]
+    else:
+        stray = [name for name, value in (("--trans-a", args.trans_a), ("--trans-b", args.trans_b)) if value]
+    if stray:
+        raise AutotuneError(f"{', '.join(stray)} do{'es' if len(stray) == 1 else ''} not apply to {args.op}")
     return parse_problem(args.op, args.shape, batch=args.batch, filters=args.filters,
                          stride=args.stride, padding=args.padding, dilation=args.dilation,
                          trans_a=args.trans_a, trans_b=args.trans_b, dtype=args.dtype)
@@ -182,9 +193,12 @@ def _check_search_args(args) -> None:
 
 
 def _specs_for(problem: Problem, device: str, algorithms: str | None):
+    """The kernels to search; torch's op is always among them, so a tuned choice never loses to
+    the default (with --algorithms it is measured as the baseline even when not listed)."""
     specs = registry.kernels_for(problem, device)
-    if not specs:
-        raise AutotuneError(f"no registered kernel supports {problem.describe()} on {device}")
+    if not any(s.algorithm != "vendor" for s in specs):
+        raise AutotuneError(f"no kernel of ours computes {problem.describe()} on {device} (only torch's op "
+                            "does: nothing to tune); on the CPU use --dtype float32 or float64")
     if algorithms:
         wanted = [a.strip() for a in algorithms.split(",") if a.strip()]
         known = {s.algorithm for s in specs}
@@ -192,8 +206,31 @@ def _specs_for(problem: Problem, device: str, algorithms: str | None):
             if name not in known:
                 registry.get(problem.op, name, device)  # unknown names raise with the known list
                 raise AutotuneError(f"algorithm {name!r} does not support {problem.describe()}")
-        specs = [s for s in specs if s.algorithm in wanted]
+        specs = [s for s in specs if s.algorithm in wanted or s.algorithm == "vendor"]
     return specs
+
+
+def _check_fits(problem: Problem, device: str) -> None:
+    """Refuse, before anything is written, a problem whose tensors cannot fit in memory."""
+    from autotune.reference import footprint_bytes
+
+    needed, available = footprint_bytes(problem), devices.available_memory(device)
+    if needed > available:
+        raise AutotuneError(f"{problem.describe()} needs about {needed / 2**30:.3g} GiB for its inputs, "
+                            f"output and float64 reference; {available / 2**30:.1f} GiB is available "
+                            f"on {device}")
+
+
+def _storage_url(storage: str) -> str:
+    """An Optuna storage URL; a plain path (results/studies.db) means an SQLite file there."""
+    if "://" in storage:
+        return storage
+    return f"sqlite:///{Path(storage).expanduser().resolve()}"
+
+
+def _existing_cache_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise AutotuneError(f"--cache-dir {path} is not a folder")
 
 
 def _check_cache_dir(path: Path) -> None:
@@ -215,6 +252,7 @@ def cmd_search(args) -> int:
         raise AutotuneError(f"unexpected argument {args.model!r}: only 'search model' takes a model")
     problem = _problem_from_args(args)
     specs = _specs_for(problem, args.device, args.algorithms)
+    _check_fits(problem, args.device)
     cache = Cache(args.cache_dir)
     entry = _search(args, cache, problem, specs, progress=not args.json)
     _print_result(args, entry, cache)
@@ -226,7 +264,7 @@ def _search(args, cache: Cache, problem: Problem, specs, progress):
     (sqlite), so an interrupted search resumes."""
     from autotune.decision import default_study_name, search
 
-    storage = args.storage
+    storage = _storage_url(args.storage) if args.storage else None
     if storage is None:
         try:
             args.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -308,7 +346,12 @@ def _search_model(args, spec: str | None) -> int:
     example = example_input(args.shape, batch, spec, torch_dtype(args.dtype))
     problems = model_problems(load_model(spec), example)
     cache = Cache(args.cache_dir)
-    plan = [(problem, _specs_for(problem, args.device, args.algorithms)) for problem in problems]
+    plan = []
+    for problem in problems:
+        _check_fits(problem, args.device)
+        if any(s.algorithm != "vendor" for s in registry.kernels_for(problem, args.device)):
+            plan.append((problem, _specs_for(problem, args.device, args.algorithms)))
+        # else: only torch's op computes it (e.g. float16 on the CPU): nothing to tune, torch runs it
     # The bar's total is what will run: cached layers cost nothing, the others their budget.
     budget = sum(min(args.trials, len(registry.valid_configs(problem, specs))) for problem, specs in plan
                  if args.force or cache.find(problem, args.device, specs) is None)
@@ -333,6 +376,7 @@ def _search_model(args, spec: str | None) -> int:
 
 # show / cache / info ----------------------------------------------------------------------------
 def cmd_show(args) -> int:
+    _existing_cache_dir(args.cache_dir)
     cache = Cache(args.cache_dir)
     entries = [e for e in cache.entries().values() if not args.op or e.op == args.op]
     entries.sort(key=lambda e: (e.op, e.problem.describe(), devices.label(e.device)))
@@ -350,6 +394,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_cache(args) -> int:
+    _existing_cache_dir(args.cache_dir)
     cache = Cache(args.cache_dir)
     if args.action == "path":
         print(json.dumps({"cache": str(cache.path)}) if args.json else cache.path)

@@ -93,6 +93,21 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
+def available_memory(kind: str) -> int:
+    """Bytes a search can use now: free GPU memory, or the CPU's available RAM."""
+    if kind == "cuda":
+        free, _total = torch.cuda.mem_get_info()
+        return free
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def threads() -> int:
     return torch.get_num_threads()
 

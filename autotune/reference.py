@@ -28,6 +28,23 @@ def make_inputs(problem: Problem, *, device: str = "cpu", seed: int = 0) -> tupl
     return tuple(tensors)
 
 
+def footprint_bytes(problem: Problem) -> int:
+    """Memory a search of `problem` holds at once: the float64 draw of each input and its copy in
+    the problem's dtype, a candidate's clone of the inputs and its output, and the float64
+    reference (inputs upcast, output). Kernel workspaces (im2col, split-K) come on top."""
+    size = torch.empty((), dtype=torch_dtype(problem.dtype)).element_size()
+    inputs = sum(_numel(shape) for shape in problem.input_shapes())
+    output = _numel(problem.output_shape())
+    return inputs * (8 + 2 * size + 8) + output * (size + 8)
+
+
+def _numel(shape) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+
+
 def empty_output(problem: Problem, *, device: str = "cpu") -> torch.Tensor:
     return torch.empty(problem.output_shape(), device=device, dtype=torch_dtype(problem.dtype))
 

@@ -53,7 +53,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="train_lenet.py", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="train_lenet.py", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tuned", action="store_true", help="run the layers on autotune's kernels")
     p.add_argument("--policy", choices=POLICIES, default="benchmark",
                    help="what to do for a shape not in the cache (default: benchmark)")
@@ -92,7 +93,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) < (0 if name == "epochs" else 1):
             raise UsageError(f"train_lenet.py: --{name.replace('_', '-')} must be positive, "
                              f"got {getattr(args, name)}")
+    if args.epochs == 0 and not (args.compare or args.compare_batch_sizes or args.profile):
+        raise UsageError("train_lenet.py: --epochs 0 trains nothing; use it with --compare, "
+                         "--compare-batch-sizes or --profile")
+    for name in ("lr", "gamma"):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"train_lenet.py: --{name} must be positive, got {getattr(args, name)}")
+    if args.tensorboard and os.path.exists(args.tensorboard) and not os.path.isdir(args.tensorboard):
+        raise UsageError(f"train_lenet.py: --tensorboard {args.tensorboard} is a file; give a folder")
     if args.dry_run:
+        if args.limit_batches not in (None, 1):
+            raise UsageError("train_lenet.py: --dry-run runs one batch; leave out --limit-batches")
         args.limit_batches = 1
     return args
 

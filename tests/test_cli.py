@@ -91,6 +91,14 @@ def test_info_lists_fingerprint_and_kernels(capsys, cache_dir):
     (["search", "conv2d", "--shape", "3x32x32", "--device", "tpu"], "invalid choice"),
     (["bench", "--suite", "lenet", "--batches", "1,x"], "--batches"),
     (["frobnicate"], "invalid choice"),
+    (["search", "conv2d", "--shape", "99999999999x99999x99999"], "GiB is available"),
+    (["search", "conv2d", "--shape", "512x512x512"], "GiB is available"),
+    (["search", "gemm", "--shape", "64x64x64", "--dtype", "float16", "--device", "cpu"], "no kernel of ours"),
+    (["search", "gemm", "--shape", "64x64x64", "--filters", "6x5x5"], "--filters does not apply to gemm"),
+    (["search", "conv2d", "--shape", "3x8x8", "--trans-b"], "--trans-b does not apply"),
+    (["search", "conv2d", "--shape", "3x8x8", "--batch", "-1"], "--batch must be a positive"),
+    (["search", "gemm", "--shape", "8x8x8", "--calls", "5"], "--calls"),
+    (["search", "gemm", "--shape", "8x8x8", "--threads", "0"], "--threads"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(capsys, cache_dir, argv, message):
     with pytest.raises(SystemExit) as exc_info:
@@ -101,6 +109,28 @@ def test_bad_input_is_one_line_exit_2_nothing_written(capsys, cache_dir, argv, m
     assert out == "" and len(err.strip().splitlines()) == 1 and message in err
     assert "Traceback" not in err
     assert not cache_dir.exists()
+
+
+@pytest.mark.parametrize("argv", [["show"], ["cache", "clear"], ["cache"]])
+def test_a_file_as_cache_dir_is_one_line(capsys, tmp_path, argv):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    assert main([*argv, "--cache-dir", str(blocker)]) == 2
+    assert "is not a folder" in capsys.readouterr().err and blocker.read_text() == "keep me"
+
+
+def test_storage_given_as_a_path_is_an_sqlite_file(capsys, tmp_path):
+    code, out, _ = run(capsys, "search", "gemm", "--shape", "8x8x8", "--trials", "2", "--json",
+                       "--storage", str(tmp_path / "mine.db"), "--cache-dir", str(tmp_path / "c"))
+    assert code == 0 and (tmp_path / "mine.db").exists()
+    assert json.loads(out)["storage"] == f"sqlite:///{tmp_path / 'mine.db'}"
+
+
+def test_algorithms_without_vendor_still_measure_torch(capsys, tmp_path):
+    code, out, _ = run(capsys, "search", "gemm", "--shape", "64x64x64", "--trials", "3", "--algorithms", "blocked",
+                       "--json", "--cache-dir", str(tmp_path))
+    data = json.loads(out)
+    assert code == 0 and data["vendor_ms"] > 0 and data["best_own"]["algorithm"] == "blocked"
 
 
 def test_unreadable_search_space_file(capsys, cache_dir, tmp_path, monkeypatch):
@@ -151,7 +181,7 @@ def test_search_lenet_tunes_every_layer_once(capsys, cache_dir):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--storage", "notaurl"], "cannot open the Optuna storage"),
+    (["--storage", "notadialect://x"], "cannot open the Optuna storage"),
     (["--storage", "sqlite:////nonexistent-dir/x.db"], "cannot open the Optuna storage"),
 ])
 def test_bad_storage_url_is_one_line(capsys, cache_dir, extra, message):
