@@ -33,7 +33,8 @@ from autotune.problem import Problem
 from autotune.space import Config, Param
 
 SAMPLERS = ("tpe", "hybrid", "random", "grid", "cmaes")
-HYBRID_STARTUP = 16  # configs measured at random before the model proposes
+HYBRID_STARTUP = 16  # configs measured at random before the model proposes...
+HYBRID_STARTUP_FRACTION = 0.01  # ... or this share of the valid space, whichever is more
 HYBRID_EVERY = 3  # after that, one proposal in HYBRID_EVERY stays random
 VENDOR = "vendor"
 CANDIDATE_TIMEOUT_S = 60.0
@@ -87,12 +88,17 @@ class TuneResult:
 @dataclass(frozen=True, kw_only=True)
 class SamplerPlan:
     """How the next config is chosen: `model` (an Optuna sampler made from the seed) proposes,
-    except for the first `random_first` configs and every `random_every`-th one after (0: never),
-    which are drawn uniformly from the valid configs not measured yet. model None: random search."""
+    except for the first max(random_first, random_fraction * valid configs) proposals and every
+    `random_every`-th one after (0: never), which are drawn uniformly from the valid configs not
+    measured yet. model None: random search."""
 
     model: SamplerFactory | None = None
     random_first: int = 0
+    random_fraction: float = 0.0
     random_every: int = 0
+
+    def random_turns(self, valid: int) -> int:
+        return max(self.random_first, round(self.random_fraction * valid))
 
 
 def _tpe(seed: int | None, startup: int = 8) -> optuna.samplers.BaseSampler:
@@ -131,7 +137,7 @@ def sampler_plan(name: str) -> SamplerPlan:
         # Random search first, then TPE; one proposal in HYBRID_EVERY stays random, so a model
         # that settled on one plateau keeps sampling the rest of the space.
         return SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=HYBRID_STARTUP,
-                           random_every=HYBRID_EVERY)
+                           random_fraction=HYBRID_STARTUP_FRACTION, random_every=HYBRID_EVERY)
     return SamplerPlan(model=functools.partial(make_sampler, name))
 
 
@@ -169,7 +175,7 @@ def tune(
     device: str = "cpu",
     trials: int = 40,
     timeout: float | None = None,
-    sampler: str | SamplerPlan = "tpe",
+    sampler: str | SamplerPlan = "hybrid",
     storage: str | None = None,
     study_name: str | None = None,
     seed: int | None = 0,
@@ -277,6 +283,7 @@ class _Proposer:
         self.plan = sampler if isinstance(sampler, SamplerPlan) else (
             SamplerPlan() if self.grid else sampler_plan(sampler))
         self.turns = 0
+        self.random_first = self.plan.random_turns(len(valid))
         self.scratch = None
         if self.plan.model is not None:
             self.scratch = optuna.create_study(sampler=self.plan.model(seed), direction="minimize")
@@ -293,8 +300,8 @@ class _Proposer:
             return next(iter(self.unmeasured.values()))
         self.turns += 1
         plan = self.plan
-        if plan.model is None or self.turns <= plan.random_first or (
-                plan.random_every and (self.turns - plan.random_first) % plan.random_every == 0):
+        if plan.model is None or self.turns <= self.random_first or (
+                plan.random_every and (self.turns - self.random_first) % plan.random_every == 0):
             return self.rng.choice(list(self.unmeasured.values()))
         trial = self.scratch.ask()
         algorithm = trial.suggest_categorical("algorithm", list(self.by_name))

@@ -89,6 +89,8 @@ LANDSCAPES = {
     "h100-gemm-1024-fp32": ("gemm", GemmProblem(m=1024, n=1024, k=1024, dtype="float32"), GEMM_FP32),
     "h100-conv2d-resnet": ("conv", Conv2dProblem(op="conv2d", **RESNET_CONV), None),
     "h100-conv2d-bwd-weight-resnet": ("conv", Conv2dProblem(op="conv2d_bwd_weight", **RESNET_CONV), None),
+    # Memory-bound (K = 128: writing C dominates): a wide plateau of configs at the DRAM roof.
+    "h100-gemm-8192x8192x128-fp16": ("gemm", GemmProblem(m=8192, n=8192, k=128, dtype="float16"), GEMM_FP16),
     "h100-gemm-4096-fp16-large": ("gemm", GemmProblem(m=4096, n=4096, k=4096, dtype="float16"), GEMM_LARGE),
 }
 
