@@ -21,7 +21,7 @@ from autotune.problem import DTYPES, OPS, Problem, parse_problem
 from autotune.report import format_pairs, format_table, knobs_text, ms, ratio
 from autotune.stopping import DEFAULT_CALLS
 
-SAMPLER_CHOICES = ("tpe", "random", "grid", "cmaes")
+SAMPLER_CHOICES = ("hybrid", "tpe", "random", "grid", "cmaes")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _shape_options(search)
     search.add_argument("--trials", type=int, default=40, help="distinct configs to measure (default 40)")
     search.add_argument("--timeout", type=float, help="stop the search after this many seconds")
-    search.add_argument("--sampler", default="tpe", choices=SAMPLER_CHOICES,
-                        help="tpe (default), random, grid (exhaustive) or cmaes")
+    search.add_argument("--sampler", default="hybrid", choices=SAMPLER_CHOICES,
+                        help="hybrid (default: random, then TPE), tpe, random, grid (exhaustive) or cmaes")
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--storage", help="Optuna storage URL (default: sqlite in the cache dir, "
                         "so an interrupted search resumes)")

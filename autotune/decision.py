@@ -51,17 +51,17 @@ def decide(best_own: Candidate | None, vendor: Candidate | None, *,
     return best_own, f"{theirs.median / ours.median:.2f}x faster than torch's op beyond the noise"
 
 
-def default_study_name(problem: Problem, device: str, *, sampler: str = "tpe", seed: int | None = 0,
+def default_study_name(problem: Problem, device: str, *, sampler: str = "hybrid", seed: int | None = 0,
                threads: int | None = None) -> str:
     """The Optuna study a search of `problem` records its trials in, e.g.
-    conv2d-64x3x32x32-6x5x5-s1p0d1-float32-cpu1t-tpe-seed0 (thread count on the CPU: a study
+    conv2d-64x3x32x32-6x5x5-s1p0d1-float32-cpu1t-hybrid-seed0 (thread count on the CPU: a study
     measured on 2 threads must not resume on 1)."""
     where = f"cpu{threads or torch.get_num_threads()}t" if device == "cpu" else device
     return f"{problem.slug()}-{where}-{sampler}-seed{seed}"
 
 
 def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None, trials: int = 40,
-           timeout: float | None = None, sampler: str = "tpe", storage: str | None = None,
+           timeout: float | None = None, sampler: str = "hybrid", storage: str | None = None,
            study_name: str | None = None, seed: int | None = 0, specs: Sequence | None = None,
            force: bool = False, progress=False, threads: int | None = None, evaluate=None,
            source: str = "search", unwritable_ok: bool = False, warm_start: bool = True,

@@ -19,9 +19,10 @@ import random
 import time
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import optuna
 
 from autotune import measure, registry
@@ -32,9 +33,14 @@ from autotune.problem import Problem
 from autotune.space import Config, Param
 from autotune.stopping import StopRule
 
-SAMPLERS = ("tpe", "random", "grid", "cmaes")
+SAMPLERS = ("tpe", "hybrid", "random", "grid", "cmaes")
+HYBRID_STARTUP = 16  # configs measured at random before the model proposes...
+HYBRID_STARTUP_FRACTION = 0.01  # ... or this share of the valid space, whichever is more
+HYBRID_EVERY = 3  # after that, one proposal in HYBRID_EVERY stays random
 VENDOR = "vendor"
 CANDIDATE_TIMEOUT_S = 60.0  # a GPU candidate that takes longer is recorded as a timeout
+# An Optuna sampler made from the seed (SamplerPlan.model).
+SamplerFactory = Callable[[int | None], optuna.samplers.BaseSampler]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,22 +87,60 @@ class TuneResult:
         return {s.value: counted.get(s.value, 0) for s in Status if counted.get(s.value)}
 
 
+@dataclass(frozen=True, kw_only=True)
+class SamplerPlan:
+    """How the next config is chosen: `model` (an Optuna sampler made from the seed) proposes,
+    except for the first max(random_first, random_fraction * valid configs) proposals and every
+    `random_every`-th one after (0: never), which are drawn uniformly from the valid configs not
+    measured yet. model None: random search."""
+
+    model: SamplerFactory | None = None
+    random_first: int = 0
+    random_fraction: float = 0.0
+    random_every: int = 0
+
+    def random_turns(self, valid: int) -> int:
+        return max(self.random_first, round(self.random_fraction * valid))
+
+
+def _tpe(seed: int | None, startup: int = 8) -> optuna.samplers.BaseSampler:
+    # multivariate + group model the knobs of one algorithm jointly, and keep algorithms'
+    # conditional sub-spaces apart.
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup)
+
+
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler behind `name` (for hybrid: its model, TPE)."""
     if name == "tpe":
-        # multivariate + group model the knobs of one algorithm jointly, and keep algorithms'
-        # conditional sub-spaces apart.
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8)
+        return _tpe(seed)
+    if name == "hybrid":
+        return _tpe(seed, startup=0)  # the plan's random start stands in for TPE's own
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
         # Exhaustive over the conditional space; stops the study when every config was tried.
         return optuna.samplers.BruteForceSampler(seed=seed)
     if name == "cmaes":
-        # CMA-ES models the ordered (index) knobs; the categorical algorithm choice falls back
-        # to independent sampling.
+        # CMA-ES (the `cmaes` package) models the ordered (index) knobs; categorical knobs and the
+        # algorithm choice fall back to random sampling.
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False,
-                                            independent_sampler=optuna.samplers.TPESampler(seed=seed))
+                                            independent_sampler=optuna.samplers.RandomSampler(seed=seed))
     raise UnknownNameError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def sampler_plan(name: str) -> SamplerPlan:
+    """The plan a sampler name stands for (the README's "Choosing the default sampler" has the
+    replay evidence behind each one and behind the default)."""
+    if name not in SAMPLERS:
+        raise UnknownNameError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if name == "random":
+        return SamplerPlan()
+    if name == "hybrid":
+        # Random search first, then TPE; one proposal in HYBRID_EVERY stays random, so a model
+        # that settled on one plateau keeps sampling the rest of the space.
+        return SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=HYBRID_STARTUP,
+                           random_fraction=HYBRID_STARTUP_FRACTION, random_every=HYBRID_EVERY)
+    return SamplerPlan(model=functools.partial(make_sampler, name))
 
 
 def _is_ordinal(param: Param) -> bool:
@@ -133,7 +177,7 @@ def tune(
     device: str = "cpu",
     trials: int = 40,
     timeout: float | None = None,
-    sampler: str = "tpe",
+    sampler: str | SamplerPlan = "hybrid",
     storage: str | None = None,
     study_name: str | None = None,
     seed: int | None = 0,
@@ -251,70 +295,82 @@ class _Proposer:
     """Proposes the next config to measure: always a valid one not measured yet.
 
     The defaults come first (torch's op first: every search measures the baseline, however small
-    its budget). Then the sampler proposes, in a scratch in-memory study that mirrors what was
-    measured (knobs with ordered numeric values as indices, so TPE sees their order). A proposal
-    the kernel's constraints reject is told to the scratch study as pruned (the sampler learns to
-    avoid the region); one already measured is told its known time. Neither costs a measurement
-    or a trial in the real study. After MAX_PROPOSALS misses in a row, an unmeasured valid config
-    is drawn at random. `grid` walks the valid configs in order: truly exhaustive.
+    its budget). Then the plan (SamplerPlan) says whose turn it is. A random turn draws uniformly
+    from the valid configs not measured yet. A model turn asks the sampler, in a scratch in-memory
+    study that mirrors what was measured (knobs with ordered numeric values as indices, so TPE
+    sees their order). A proposal the kernel's constraints reject is told to the scratch study as
+    pruned (the sampler learns to avoid the region), one already measured is told its known time;
+    either way the config measured instead is the nearest valid unmeasured one (fewest knob steps
+    away, ties at random), so every turn costs one proposal and neither costs a measurement or a
+    trial in the real study. `grid` walks the valid configs in order: truly exhaustive.
     """
 
-    MAX_PROPOSALS = 25
-
-    def __init__(self, sampler: str, seed, problem, by_name, valid: list[Config], seen: dict[str, Outcome],
-                 warm: Sequence[Config] = ()):
+    def __init__(self, sampler: str | SamplerPlan, seed, problem, by_name, valid: list[Config],
+                 seen: dict[str, Outcome], warm: Sequence[Config] = ()):
         self.problem, self.by_name, self.seen = problem, by_name, seen
-        self.valid_keys = {c.key() for c in valid}
-        # Defaults first (torch's op first), then the warm-start configs this problem admits,
-        # then space order.
+        keys = [c.key() for c in valid]
+        self.valid_keys = set(keys)
+        # Defaults first (torch's op first), then the warm-start configs this problem admits
+        # (winners of cached neighbouring shapes), then space order.
         defaults = [Config.make(s.algorithm, s.full_knobs(problem, s.default_config(problem).as_dict()))
                     for s in sorted(by_name.values(), key=lambda s: s.algorithm != VENDOR)]
         head = [c for c in dict.fromkeys([*defaults, *warm]) if c.key() in self.valid_keys]
         ordered = list(dict.fromkeys(head + valid))
-        self.queue = [c for c in ordered if c.key() not in seen]
+        # Valid configs not measured yet, by key, in that order.
+        self.unmeasured = {c.key(): c for c in ordered if c.key() not in seen}
         self.defaults = len(head)
         self.rng = random.Random(seed)
         self.invalid = 0
         self.grid = sampler == "grid"
+        self.plan = sampler if isinstance(sampler, SamplerPlan) else (
+            SamplerPlan() if self.grid else sampler_plan(sampler))
+        self.turns = 0
+        self.random_first = self.plan.random_turns(len(valid))
         self.scratch = None
-        if not self.grid:
-            self.scratch = optuna.create_study(sampler=make_sampler(sampler, seed), direction="minimize")
+        if self.plan.model is not None:
+            self.scratch = optuna.create_study(sampler=self.plan.model(seed), direction="minimize")
             for key, outcome in seen.items():
                 self._tell(self._trial_for(_config_from_key(key)), outcome)
+            self.near = _Neighbours(by_name, valid, self.unmeasured)
         self._pending: dict[str, optuna.Trial] = {}
 
     def next(self) -> Config | None:
-        self.queue = [c for c in self.queue if c.key() not in self.seen]
-        if not self.queue:
+        if not self.unmeasured:
             return None
         if self.grid or self.defaults > 0:
             self.defaults -= 1
-            return self.queue[0]
-        for _ in range(self.MAX_PROPOSALS):
-            trial = self.scratch.ask()
-            algorithm = trial.suggest_categorical("algorithm", list(self.by_name))
-            spec = self.by_name[algorithm]
-            knobs = {p.name: _suggest(trial, f"{algorithm}.{p.name}", p) for p in spec.space}
-            config = Config.make(algorithm, spec.full_knobs(self.problem, knobs))
-            key = config.key()
-            if key in self.seen:
-                self._tell(trial, self.seen[key])
-            elif key not in self.valid_keys:
-                self.invalid += 1
-                self.scratch.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            else:
-                self._pending[key] = trial
-                return config
-        return self.rng.choice(self.queue)
+            return next(iter(self.unmeasured.values()))
+        self.turns += 1
+        plan = self.plan
+        if plan.model is None or self.turns <= self.random_first or (
+                plan.random_every and (self.turns - self.random_first) % plan.random_every == 0):
+            return self.rng.choice(list(self.unmeasured.values()))
+        trial = self.scratch.ask()
+        algorithm = trial.suggest_categorical("algorithm", list(self.by_name))
+        spec = self.by_name[algorithm]
+        knobs = {p.name: _suggest(trial, f"{algorithm}.{p.name}", p) for p in spec.space}
+        config = Config.make(algorithm, spec.full_knobs(self.problem, knobs))
+        key = config.key()
+        if key in self.unmeasured:
+            self._pending[key] = trial
+            return config
+        if key in self.seen:
+            self._tell(trial, self.seen[key])
+        else:
+            self.invalid += 1
+            self.scratch.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return self.near.nearest(config, self.unmeasured, self.rng)
 
     def tell(self, config: Config, outcome: Outcome) -> None:
+        self.unmeasured.pop(config.key(), None)
         if self.scratch is None:
             return
+        self.near.measured(config.key())
         trial = self._pending.pop(config.key(), None) or self._trial_for(config)
         self._tell(trial, outcome)
 
     def _trial_for(self, config: Config) -> optuna.Trial:
-        """A scratch trial that proposes exactly `config` (for history and random fallbacks)."""
+        """A scratch trial that proposes exactly `config` (history, random turns, nearest configs)."""
         self.scratch.enqueue_trial(_encode(config.algorithm, config.as_dict(), self.by_name[config.algorithm]))
         trial = self.scratch.ask()
         spec = self.by_name[config.algorithm]
@@ -328,6 +384,52 @@ class _Proposer:
             self.scratch.tell(trial, outcome.measurement.median)
         else:
             self.scratch.tell(trial, state=optuna.trial.TrialState.PRUNED)
+
+
+class _Neighbours:
+    """The valid configs of each algorithm as knob-index vectors, to find the nearest unmeasured
+    one to a proposal: ordered knobs count index steps (scaled to 0..1), other knobs 0 or 1."""
+
+    def __init__(self, by_name, valid: list[Config], unmeasured: dict[str, Config]):
+        self.names: dict[str, list[str]] = {}
+        self.index: dict[str, list[dict]] = {}
+        self.weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.keys: dict[str, list[str]] = {}
+        self.vectors: dict[str, np.ndarray] = {}
+        self.alive: dict[str, np.ndarray] = {}
+        self.where: dict[str, tuple[str, int]] = {}
+        for algorithm, spec in by_name.items():
+            params = list(spec.space)
+            self.names[algorithm] = [p.name for p in params]
+            self.index[algorithm] = [{v: i for i, v in enumerate(p.values)} for p in params]
+            self.weights[algorithm] = (np.array([1.0 / max(len(p.values) - 1, 1) for p in params]),
+                                       np.array([_is_ordinal(p) for p in params], dtype=bool))
+            mine = [c for c in valid if c.algorithm == algorithm]
+            self.keys[algorithm] = [c.key() for c in mine]
+            self.vectors[algorithm] = np.array([self._vector(algorithm, c.as_dict()) for c in mine],
+                                               dtype=float).reshape(len(mine), len(params))
+            self.alive[algorithm] = np.array([k in unmeasured for k in self.keys[algorithm]], dtype=bool)
+            self.where.update({k: (algorithm, i) for i, k in enumerate(self.keys[algorithm])})
+
+    def _vector(self, algorithm: str, knobs: dict) -> list[float]:
+        return [index.get(knobs.get(name), -1)
+                for name, index in zip(self.names[algorithm], self.index[algorithm], strict=True)]
+
+    def measured(self, key: str) -> None:
+        if key in self.where:
+            algorithm, i = self.where[key]
+            self.alive[algorithm][i] = False
+
+    def nearest(self, config: Config, unmeasured: dict[str, Config], rng: random.Random) -> Config:
+        algorithm = config.algorithm
+        alive = np.flatnonzero(self.alive.get(algorithm, np.zeros(0, dtype=bool)))
+        if alive.size == 0:
+            return rng.choice(list(unmeasured.values()))
+        step, ordinal = self.weights[algorithm]
+        diff = self.vectors[algorithm][alive] - np.array(self._vector(algorithm, config.as_dict()), dtype=float)
+        cost = np.where(ordinal, np.abs(diff) * step, diff != 0).sum(axis=1)
+        best = alive[np.flatnonzero(cost <= cost.min() + 1e-9)]
+        return unmeasured[self.keys[algorithm][int(best[rng.randrange(len(best))])]]
 
 
 def _add_trial(study: optuna.Study, spec, config: Config, outcome: Outcome) -> None:
