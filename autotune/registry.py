@@ -41,6 +41,7 @@ PROJECT_PACKAGES = ("kernels", "autotune")
 MODULES = {
     "numpy_conv": "numpy",
     "numpy_gemm": "numpy",
+    "numpy_winograd": "numpy",
     "vendor": "torch",
     "triton_gemm": "triton",
     "triton_conv": "triton",
