@@ -313,6 +313,10 @@ def _project_imports(path: Path, root: Path) -> set[Path]:
             # `from kernels import triton_tiles` names a module; `from kernels.x import f` names
             # something in kernels/x.py.
             names = [f"{base}.{alias.name}" for alias in node.names]
+            # `from autotune import KernelSpec` (how plugins import the contract) names a public
+            # re-export: it counts as autotune/registry.py, where __init__ imports it from, not
+            # as the whole package.
+            names = [_reexported_from(name, root) for name in names]
             if any(_module_file(name, root) is None for name in names):
                 names.append(base)
         else:
@@ -323,6 +327,21 @@ def _project_imports(path: Path, root: Path) -> set[Path]:
                 if file is not None:
                     found.add(file)
     return found
+
+
+def _reexported_from(name: str, root: Path) -> str:
+    """`autotune.KernelSpec` -> `autotune.registry` when autotune/__init__.py says `from
+    autotune.registry import KernelSpec`; any other name unchanged."""
+    package, _, attr = name.rpartition(".")
+    init = _module_file(package, root)
+    if init is None or init.name != "__init__.py" or _module_file(name, root) is not None:
+        return name
+    for node in ast.parse(init.read_bytes(), filename=str(init)).body:
+        if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) == attr for a in node.names):
+            source = _absolute(node.module or "", node.level, package)
+            if _module_file(source, root) is not None:
+                return source
+    return name
 
 
 def _package_of(path: Path, root: Path) -> str:
