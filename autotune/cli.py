@@ -419,15 +419,16 @@ def cmd_info(args) -> int:
         "cache": str(Cache(args.cache_dir).path),
         "kernels": [{"op": s.op, "algorithm": s.algorithm, "backend": s.backend,
                      "knobs": [p.name for p in s.space], "configs": s.space.size(),
-                     "source_hash": s.source_hash} for s in specs],
+                     "source_hash": s.source_hash, "module": s.module, "plugin": s.plugin} for s in specs],
     }
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
     print(format_pairs([*info["fingerprint"].items(), *info["versions"].items(), ("cache", info["cache"])]))
     print()
-    print(format_table(("op", "algorithm", "backend", "knobs", "configs"),
-                       [(k["op"], k["algorithm"], k["backend"], " ".join(k["knobs"]) or "-", k["configs"])
+    print(format_table(("op", "algorithm", "backend", "knobs", "configs", "from"),
+                       [(k["op"], k["algorithm"], k["backend"], " ".join(k["knobs"]) or "-", k["configs"],
+                         f"plugin {k['module']}" if k["plugin"] else f"kernels.{k['module']}")
                         for k in info["kernels"]]))
     return 0
 

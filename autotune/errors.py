@@ -30,3 +30,8 @@ class DeviceError(AutotuneError):
 
 class CacheWriteError(AutotuneError):
     """The results cache could not be written (permissions, a full disk, a read-only folder)."""
+
+
+class PluginError(AutotuneError):
+    """A user's kernel module (AUTOTUNE_PLUGINS or entry point `autotune.kernels`) that does not
+    import, has no KERNELS list of KernelSpecs, or reuses a built-in (op, algorithm)."""

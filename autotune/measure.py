@@ -195,7 +195,9 @@ def classify_exception(exc: BaseException) -> Status:
     """Map a kernel failure to a trial status (a failure is a result, not a crash)."""
     name = type(exc).__name__
     text = str(exc)
-    if name == "OutOfResources" or "out of resource" in text.lower() or isinstance(exc, torch.OutOfMemoryError):
+    # MemoryError: a host allocation that failed (numpy's "Unable to allocate 9.1 PiB").
+    if (name == "OutOfResources" or "out of resource" in text.lower()
+            or isinstance(exc, (torch.OutOfMemoryError, MemoryError))):
         return Status.OUT_OF_RESOURCES
     # Triton's front end (CompilationError and subclasses), ptxas (PTXASError, e.g. "Insufficient
     # registers") and its MLIR passes (a RuntimeError "PassManager::run failed").

@@ -11,6 +11,14 @@ A kernel's `run(problem, knobs, inputs, out)` reads torch tensors and returns th
 that writes into a buffer writes into `out` and returns it; the verifier fills `out` with NaN
 first, so an element the kernel forgets to write shows up as a wrong answer. A kernel whose
 library allocates its own result (torch's ops, numpy's FFT) may return that instead of copying.
+
+Users' own kernel modules (plugins) follow the same contract: a module with a `KERNELS` list of
+`autotune.KernelSpec`s, named in the environment variable `AUTOTUNE_PLUGINS` (comma-separated
+module names, importable from sys.path) or registered by an installed package under the entry
+point group `autotune.kernels`. Its search spaces live beside it, in `<module file stem>.toml`
+(same format as search_spaces/*.toml), and its hash covers its own file and the autotune modules
+it imports. A plugin may not reuse a built-in (op, algorithm): names must stay unambiguous in
+caches and in `--algorithms`.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import ast
 import dataclasses
 import hashlib
 import importlib
+import importlib.metadata
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from autotune.errors import SearchSpaceError, UnknownNameError
+from autotune.errors import PluginError, SearchSpaceError, UnknownNameError
 from autotune.problem import Problem
 from autotune.space import Config, Space, Value, load_spaces
 
@@ -46,6 +55,9 @@ MODULES = {
     "triton_gemm": "triton",
     "triton_conv": "triton",
 }
+# Where users name their own kernel modules (see the module docstring).
+PLUGIN_ENV = "AUTOTUNE_PLUGINS"
+PLUGIN_GROUP = "autotune.kernels"
 BACKENDS_BY_DEVICE = {"cpu": ("numpy", "torch"), "cuda": ("triton", "torch")}
 # The dtypes each backend computes in (a kernel's supports() may narrow this further): NumPy has
 # no bfloat16 and its float16 matmul is not BLAS; Triton's tl.dot has no float64 fast path.
@@ -89,7 +101,8 @@ class KernelSpec:
     # Filled in by the registry:
     space: Space = Space()
     source_hash: str = ""
-    module: str = ""
+    module: str = ""  # "numpy_gemm" for ours (kernels/numpy_gemm.py), the dotted name for a plugin
+    plugin: bool = False
 
     def default_config(self, problem: Problem) -> Config:
         knobs = self.defaults(problem) if callable(self.defaults) else self.defaults
@@ -129,10 +142,14 @@ def _load_module(name: str) -> tuple[KernelSpec, ...]:
     # The folder that holds the kernels package holds the rest of the project too (source tree
     # or site-packages), so the hash can follow imports of autotune.* from there.
     source_hash = source_hash_of(path, path.parent.parent)
-    spaces_path = search_spaces_dir() / f"{name}.toml"
+    return _registered(mod.KERNELS, name, search_spaces_dir() / f"{name}.toml", source_hash, plugin=False)
+
+
+def _registered(kernels, name: str, spaces_path: Path, source_hash: str, *, plugin: bool) -> tuple[KernelSpec, ...]:
+    """A module's KERNELS with their knob domains (from `spaces_path`, if it exists) and hash."""
     spaces = load_spaces(spaces_path) if spaces_path.exists() else {}
     specs = []
-    for spec in mod.KERNELS:
+    for spec in kernels:
         space = spaces.pop((spec.op, spec.algorithm), Space())
         knob_names = set(spec.defaults(None) if callable(spec.defaults) else spec.defaults)
         unknown = [p.name for p in space if p.name not in knob_names]
@@ -142,12 +159,93 @@ def _load_module(name: str) -> tuple[KernelSpec, ...]:
                 f"known knobs: {sorted(knob_names)}"
             )
         specs.append(
-            dataclasses.replace(spec, space=space, source_hash=source_hash, module=name)
+            dataclasses.replace(spec, space=space, source_hash=source_hash, module=name, plugin=plugin)
         )
     if spaces:
         extra = ", ".join(f"[{op}.{algo}]" for op, algo in spaces)
         raise SearchSpaceError(f"{spaces_path}: no kernel is registered for {extra}")
     return tuple(specs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plugins: users' own kernel modules
+
+
+def plugin_modules() -> dict[str, str]:
+    """Plugin module name -> where it was named ("AUTOTUNE_PLUGINS" or "entry point <name>"), in
+    that order. Read on every call: the variable may change between searches (tests do)."""
+    found: dict[str, str] = {}
+    for name in os.environ.get(PLUGIN_ENV, "").split(","):
+        if name.strip():
+            found.setdefault(name.strip(), PLUGIN_ENV)
+    for point_name, module_name in _entry_points():
+        found.setdefault(module_name, f"entry point {point_name!r} of group {PLUGIN_GROUP!r}")
+    return found
+
+
+@cache
+def _entry_points() -> tuple[tuple[str, str], ...]:
+    """(entry point name, module name) of the installed `autotune.kernels` entry points."""
+    points = importlib.metadata.entry_points(group=PLUGIN_GROUP)
+    return tuple((point.name, point.module) for point in points)
+
+
+@cache
+def _load_plugin(name: str, origin: str) -> tuple[KernelSpec, ...]:
+    """A plugin module's kernels; anything wrong with it is one PluginError line, no traceback."""
+    where = f"plugin module {name!r} (from {origin})"
+    try:
+        mod = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        hint = " (is its folder on PYTHONPATH?)" if exc.name and name.startswith(exc.name) else ""
+        raise PluginError(f"{where} failed to import: {_one_line(exc)}{hint}") from None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a user's module may raise anything
+        raise PluginError(f"{where} failed to import: {_one_line(exc)}") from None
+    kernels = getattr(mod, "KERNELS", None)
+    if not isinstance(kernels, (list, tuple)):
+        raise PluginError(f"{where} has no KERNELS list (a module-level list of autotune.KernelSpec)")
+    for i, spec in enumerate(kernels):
+        if not isinstance(spec, KernelSpec):
+            raise PluginError(f"{where}: KERNELS[{i}] is a {type(spec).__name__}, not an autotune.KernelSpec")
+        if spec.backend not in BACKEND_DTYPES:
+            raise PluginError(f"{where}: {spec.op}.{spec.algorithm} has backend {spec.backend!r}; "
+                              f"choose one of {', '.join(BACKEND_DTYPES)}")
+    if getattr(mod, "__file__", None) is None:
+        raise PluginError(f"{where} has no source file to hash (a namespace package?)")
+    if any(spec.backend == "numpy" for spec in kernels):
+        _single_threaded_numpy_blas()
+    path = Path(mod.__file__).resolve()
+    # The hash covers the plugin's file and the autotune modules it imports, under the folder
+    # that holds the autotune package.
+    source_hash = source_hash_of(path, Path(__file__).resolve().parent.parent)
+    try:
+        return _registered(kernels, name, path.with_suffix(".toml"), source_hash, plugin=True)
+    except SearchSpaceError as exc:
+        raise PluginError(f"{where}: {exc}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _plugins() -> list[KernelSpec]:
+    """Every plugin's kernels, checked for clashes with ours (of every backend this machine can
+    load, so a name that works on the CPU does not break on a GPU) and with each other."""
+    modules = plugin_modules()
+    if not modules:
+        return []
+    taken = {(s.op, s.algorithm): f"built-in kernels.{s.module}" for s in _builtins(BACKEND_DTYPES)}
+    specs = []
+    for name, origin in modules.items():
+        for spec in _load_plugin(name, origin):
+            owner = taken.get((spec.op, spec.algorithm))
+            if owner is not None:
+                raise PluginError(f"plugin module {name!r} (from {origin}): {spec.op}.{spec.algorithm} is "
+                                  f"already registered by {owner}; rename the algorithm")
+            taken[(spec.op, spec.algorithm)] = f"plugin {name}"
+            specs.append(spec)
+    return specs
 
 
 @cache
@@ -184,7 +282,9 @@ def source_hash_of(path: Path, root: Path) -> str:
     root = root.resolve()
     digest = hashlib.sha256()
     for file in _project_closure(path.resolve(), root):
-        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        # A plugin's own file lies outside the project: it counts by its name.
+        name = file.relative_to(root).as_posix() if file.is_relative_to(root) else file.name
+        digest.update(name.encode() + b"\0")
         digest.update(file.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -214,6 +314,10 @@ def _project_imports(path: Path, root: Path) -> set[Path]:
             # `from kernels import triton_tiles` names a module; `from kernels.x import f` names
             # something in kernels/x.py.
             names = [f"{base}.{alias.name}" for alias in node.names]
+            # `from autotune import KernelSpec` (how plugins import the contract) names a public
+            # re-export: it counts as autotune/registry.py, where __init__ imports it from, not
+            # as the whole package.
+            names = [_reexported_from(name, root) for name in names]
             if any(_module_file(name, root) is None for name in names):
                 names.append(base)
         else:
@@ -224,6 +328,21 @@ def _project_imports(path: Path, root: Path) -> set[Path]:
                 if file is not None:
                     found.add(file)
     return found
+
+
+def _reexported_from(name: str, root: Path) -> str:
+    """`autotune.KernelSpec` -> `autotune.registry` when autotune/__init__.py says `from
+    autotune.registry import KernelSpec`; any other name unchanged."""
+    package, _, attr = name.rpartition(".")
+    init = _module_file(package, root)
+    if init is None or init.name != "__init__.py" or _module_file(name, root) is not None:
+        return name
+    for node in ast.parse(init.read_bytes(), filename=str(init)).body:
+        if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) == attr for a in node.names):
+            source = _absolute(node.module or "", node.level, package)
+            if _module_file(source, root) is not None:
+                return source
+    return name
 
 
 def _package_of(path: Path, root: Path) -> str:
@@ -263,7 +382,15 @@ def available_backends(device_kind: str) -> tuple[str, ...]:
 
 
 def load(backends: Sequence[str] = ("numpy", "torch", "triton")) -> list[KernelSpec]:
-    """Every registered kernel of the given backends (Triton skipped if it does not import)."""
+    """Every registered kernel of the given backends (Triton skipped if it does not import):
+    ours, then the plugins'."""
+    plugins = [spec for spec in _plugins() if spec.backend in backends]
+    if "triton" in backends and not triton_available():
+        plugins = [spec for spec in plugins if spec.backend != "triton"]
+    return [*_builtins(backends), *plugins]
+
+
+def _builtins(backends) -> list[KernelSpec]:
     specs: list[KernelSpec] = []
     for name, backend in MODULES.items():
         if backend not in backends:

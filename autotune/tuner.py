@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -39,6 +40,7 @@ HYBRID_STARTUP_FRACTION = 0.01  # ... or this share of the valid space, whicheve
 HYBRID_EVERY = 3  # after that, one proposal in HYBRID_EVERY stays random
 VENDOR = "vendor"
 CANDIDATE_TIMEOUT_S = 60.0  # a GPU candidate that takes longer is recorded as a timeout
+CANDIDATE_TIMEOUT_ENV = "AUTOTUNE_CANDIDATE_TIMEOUT_S"  # overrides it (seconds; tests use a few)
 # An Optuna sampler made from the seed (SamplerPlan.model).
 SamplerFactory = Callable[[int | None], optuna.samplers.BaseSampler]
 
@@ -226,8 +228,22 @@ def _default_evaluator(device: str, seed: int, stack: contextlib.ExitStack, in_p
     from autotune.worker import IsolatedEvaluator
 
     return stack.enter_context(IsolatedEvaluator(
-        device=device, seed=seed, timeout_s=CANDIDATE_TIMEOUT_S,
+        device=device, seed=seed, timeout_s=candidate_timeout_s(),
         threads=torch.get_num_threads() if device == "cpu" else None))
+
+
+def candidate_timeout_s() -> float:
+    """Seconds a candidate may run in the worker: $AUTOTUNE_CANDIDATE_TIMEOUT_S, else 60."""
+    text = os.environ.get(CANDIDATE_TIMEOUT_ENV, "").strip()
+    if not text:
+        return CANDIDATE_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise AutotuneError(f"{CANDIDATE_TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    return seconds
 
 
 def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, storage, study_name, seed,
