@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import multiprocessing
+import os
 import warnings
 
 import pytest
@@ -216,3 +217,38 @@ def test_cached_knobs_the_kernel_rejects_are_a_miss(tmp_path):
                                 trustworthy=True))
     with pytest.warns(CacheWarning, match="rejected by the kernel"):
         assert Cache(tmp_path).find(problem, "cpu", specs) is None
+
+
+def _keep_writing(directory: str, done) -> None:
+    cache = Cache(directory)
+    for j in range(10_000):
+        store(cache, problem=GemmProblem(m=1, n=j + 1, k=7))
+        done.value = j + 1
+
+
+def test_a_writer_killed_at_random_points_loses_no_committed_entry(tmp_path):
+    """kill -9 a writer mid-stream, several times: the file always loads, every store that
+    returned is there, and the next write clears the killed writer's temp file."""
+    import random
+    import signal
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    rng = random.Random(0)
+    for _ in range(4):
+        done = ctx.Value("i", 0)
+        p = ctx.Process(target=_keep_writing, args=(str(tmp_path), done))
+        p.start()
+        deadline = time.monotonic() + 60
+        while done.value < 3 and time.monotonic() < deadline:  # let it start writing
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(timeout=30)
+        committed = done.value
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CacheWarning)  # never a corrupt or half-written file
+            entries = Cache(tmp_path).entries()
+        assert committed >= 3 and len(entries) >= committed
+    store(Cache(tmp_path), problem=GemmProblem(m=2, n=2, k=2))
+    assert not list(tmp_path.glob(".cache-*"))

@@ -106,7 +106,9 @@ def test_no_data_exits_2_with_one_line(train_lenet, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--device", "tpu"], ["--compare-batch-sizes", "1,x"],
-                                  ["--epochs", "-1"], ["--limit-batches", "0"], ["--bogus"]])
+                                  ["--epochs", "-1"], ["--limit-batches", "0"], ["--bogus"],
+                                  ["--lr", "-1"], ["--gamma", "0"], ["--epochs", "0"], ["--batch-size", "-1"],
+                                  ["--dry-run", "--limit-batches", "3"], ["--tensorboard", __file__]])
 def test_bad_flags_exit_2_with_one_line(train_lenet, capsys, argv):
     assert train_lenet.main(argv) == 2
     err = capsys.readouterr().err
