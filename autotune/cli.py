@@ -1,4 +1,4 @@
-"""`autotune search|show|bench|cache|info|compile-check`: the command line.
+"""`autotune search|show|bench|cache|info|report|compile-check`: the command line.
 
 Bad input exits with status 2 and one line that says what is wrong; nothing is written before
 the input has been validated.
@@ -124,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "(kept as .cleared-<time>) and delete the Optuna studies next to it")
     cache.add_argument("--keep-studies", action="store_true", help="with clear: keep studies.db")
     _common(cache)
+
+    report = sub.add_parser("report", help="index.html with PNG figures of the cache, studies and training",
+                            description="Write OUT/index.html with PNG figures (speed-up over torch per "
+                            "cached shape, best-so-far time per Optuna study, GFLOP/s against this CPU's "
+                            "roofline, and with --summary the training example's step times and curves) "
+                            "and the same numbers as report.json, shapes.csv and studies.csv.")
+    report.add_argument("--out", type=Path, default=Path("report"), help="folder to write (default: report)")
+    report.add_argument("--summary", type=Path, metavar="PATH",
+                        help="train_lenet.py --summary-json file: step times tuned vs untuned, loss, accuracy")
+    report.add_argument("--peak-gflops", type=float, metavar="X",
+                        help="this machine's fp32 peak (default: measured now, numpy sgemm 2048^3, ~2 s)")
+    _common(report)
 
     info = sub.add_parser("info", help="device fingerprint, library versions and registered kernels")
     _common(info)
@@ -432,6 +444,21 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from autotune.report_html import build
+
+    if args.peak_gflops is not None and not args.peak_gflops > 0:
+        raise AutotuneError(f"--peak-gflops must be positive, got {args.peak_gflops}")
+    result = build(args.cache_dir, args.out, summary_path=args.summary, peak_gflops=args.peak_gflops)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"wrote {result['index']}: {len(result['figures'])} figures ({', '.join(result['figures']) or 'none'}) "
+          f"from {result['shapes']} cached shapes and {result['studies']} studies; numbers in "
+          f"{', '.join(result['data'])}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from autotune.bench import run_bench
 
@@ -445,6 +472,6 @@ def cmd_compile_check(args) -> int:
 
 
 COMMANDS = {"search": cmd_search, "show": cmd_show, "bench": cmd_bench, "cache": cmd_cache, "info": cmd_info,
-            "compile-check": cmd_compile_check}
+            "report": cmd_report, "compile-check": cmd_compile_check}
 
 __all__ = ["main", "build_parser"]
