@@ -26,8 +26,11 @@ def ratio(torch_ms: float | None, ours_ms: float | None) -> str:
     return f"{torch_ms / ours_ms:.2f}x"
 
 
-def knobs_text(knobs: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) or "-"
+def knobs_text(knobs: dict, width: int | None = None) -> str:
+    """`name=value` pairs, sorted, space-separated (the one style of every table); cut to `width`
+    characters with a trailing "…" when given."""
+    text = " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) or "-"
+    return text if width is None or len(text) <= width else text[: width - 1] + "…"
 
 
 def format_pairs(rows: Sequence[tuple[str, object]]) -> str:
