@@ -177,7 +177,7 @@ def test_search_lenet_tunes_every_layer_once(capsys, cache_dir):
     # Every trustworthy layer is answered from the cache (the noise guard refuses the others).
     assert code == 0 and [a["from_cache"] for a in again] == [first["trustworthy"] for first in layers]
     code, out, _ = run(capsys, *argv[:-3], "--cache-dir", str(cache_dir))  # as a table
-    assert code == 0 and "conv2d_bwd_weight 2x1x28x28" in out
+    assert code == 0 and "conv2d_bwd_weight  2x1x28x28 k6x5x5" in out
 
 
 @pytest.mark.parametrize("extra, message", [
