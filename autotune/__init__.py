@@ -14,7 +14,7 @@ Kernel modules (ours in kernels/, or your own) list `autotune.KernelSpec`s; see 
 
 from autotune.cache import Cache
 from autotune.decision import search
-from autotune.dispatch import chosen, get_policy, policy, reset, select, set_policy, stats
+from autotune.dispatch import chosen, get_policy, policy, reset, select, set_policy, stats, uncached
 from autotune.entry import Entry
 from autotune.errors import AutotuneError
 from autotune.lenet import LeNet5, lenet_problems
@@ -47,6 +47,7 @@ __all__ = [
     "select",
     "set_policy",
     "stats",
+    "uncached",
     "tune",
 ]
 

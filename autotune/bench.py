@@ -2,7 +2,9 @@
 
 For each shape (the cached ones, or the LeNet suite) the best own kernel, torch's op and the
 tuned choice are timed in interleaved rounds, so a slow spell of a shared machine hits all three
-alike. Figures are ratios torch time / our time (above 1: ours is faster), never absolute claims.
+alike. Figures are speed-ups over torch, torch time / our time (above 1: ours is faster), for our
+best kernel and for the tuned choice; never absolute claims. (The JSON keeps chosen_over_torch,
+its inverse, for older readers.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from autotune.entry import Entry
 from autotune.errors import AutotuneError
 from autotune.problem import Problem
 from autotune.reference import empty_output, make_inputs
-from autotune.report import format_table, ms
+from autotune.report import format_table, ms, problem_text
 
 
 def lenet_suite(batches: list[int], dtype: str = "float32") -> list[Problem]:
@@ -84,11 +86,12 @@ def _bench(args) -> int:
         print(json.dumps({"rows": rows, "summary": summary, "output": str(output)}, indent=1))
         return 0
     print(format_table(
-        ("problem", "best own", "own ms", "torch ms", "torch/own", "chosen", "chosen/torch"),
-        [(r["problem"], r["own_algorithm"] or "-", ms(r["own_ms"]), ms(r["torch_ms"]),
-          f"{r['torch_over_own']:.2f}" if r["torch_over_own"] else "-", r["chosen"],
-          f"{r['chosen_over_torch']:.2f}{'' if r['chosen_within_noise'] else ' !'}") for r in rows]))
-    print(f"\ngeomean torch/own over {summary['shapes_with_own']} shapes: {summary['geomean_torch_over_own']:.3f}"
+        ("op", "problem", "best own", "own ms", "torch ms", "own speed-up", "chosen", "chosen speed-up"),
+        [(r["op"], r["short"], r["own_algorithm"] or "-", ms(r["own_ms"]), ms(r["torch_ms"]),
+          f"{r['torch_over_own']:.2f}x" if r["torch_over_own"] else "-", r["chosen"],
+          f"{r['torch_over_chosen']:.2f}x{'' if r['chosen_within_noise'] else ' !'}") for r in rows]))
+    print("\nspeed-up = torch ms / ms (> 1: faster than torch's op)")
+    print(f"geomean own speed-up over {summary['shapes_with_own']} shapes: {summary['geomean_torch_over_own']:.3f}"
           f"   shapes where our own kernel wins: {summary['own_wins']}"
           f"\nchosen slower than torch beyond the noise ('!'): {summary['chosen_slower_than_noise']}"
           f"\nfigures written to {output}")
@@ -129,6 +132,8 @@ def _measure_row(problem: Problem, specs, entry: Entry, device: str, rounds: int
     chosen_over_torch = med["chosen"] / med["torch"]
     return {
         "problem": problem.describe(),
+        "op": problem.op,
+        "short": problem_text(problem),
         "own_algorithm": own.algorithm if own else None,
         "own_knobs": own.knobs if own else None,
         "own_ms": med.get("own"),
@@ -138,6 +143,7 @@ def _measure_row(problem: Problem, specs, entry: Entry, device: str, rounds: int
         "trustworthy": entry.trustworthy,
         "chosen_ms": med["chosen"],
         "chosen_over_torch": chosen_over_torch,
+        "torch_over_chosen": 1 / chosen_over_torch,
         "noise": max(noise["chosen"], noise["torch"]),
         "chosen_within_noise": chosen_over_torch <= 1 + max(noise["chosen"], noise["torch"]),
     }

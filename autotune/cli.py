@@ -1,4 +1,4 @@
-"""`autotune search|show|bench|cache|info|compile-check`: the command line.
+"""`autotune search|show|bench|cache|info|report|compile-check`: the command line.
 
 Bad input exits with status 2 and one line that says what is wrong; nothing is written before
 the input has been validated.
@@ -18,14 +18,45 @@ from autotune import registry
 from autotune.cache import STUDIES_FILE, Cache, CacheWarning, default_dir
 from autotune.errors import AutotuneError
 from autotune.problem import DTYPES, OPS, Problem, parse_problem
-from autotune.report import format_pairs, format_table, knobs_text, ms, ratio
+from autotune.report import format_pairs, format_table, knobs_text, ms, problem_text, ratio
 from autotune.stopping import DEFAULT_CALLS
 
 SAMPLER_CHOICES = ("hybrid", "tpe", "random", "grid", "cmaes")
+DEFAULT_TRIALS = 40
+SHOW_KNOBS_WIDTH = 30  # `show` fits in 100 columns: longer knob lists end in "…" (--json has them all)
+SHOW_OP = {"conv2d": "conv", "conv2d_bwd_data": "conv.dx", "conv2d_bwd_weight": "conv.dw"}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from autotune import __version__
+
+    try:
+        installed = version("kernel-autotune")
+    except PackageNotFoundError:
+        installed = __version__
+    return f"autotune {__version__}" + ("" if installed == __version__ else f" (installed {installed})")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's help ends with its default where it has one
+    (not for flags, nor where the help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and still exit status 2)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -43,9 +74,9 @@ def _shape_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", help="conv: CxHxW or NxCxHxW; gemm: MxNxK")
     parser.add_argument("--batch", type=int, help="conv batch size N when --shape is CxHxW (default 64)")
     parser.add_argument("--filters", help="conv filters KxRxS or KxCxRxS (default 6x5x5, LeNet's conv1)")
-    parser.add_argument("--stride", type=int, default=1)
-    parser.add_argument("--padding", type=int, default=0)
-    parser.add_argument("--dilation", type=int, default=1)
+    parser.add_argument("--stride", type=int, default=1, help="conv stride")
+    parser.add_argument("--padding", type=int, default=0, help="conv zero padding on each side")
+    parser.add_argument("--dilation", type=int, default=1, help="conv dilation")
     parser.add_argument("--trans-a", action="store_true", help="gemm: A is stored as KxM")
     parser.add_argument("--trans-b", action="store_true", help="gemm: B is stored as NxK")
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
@@ -63,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autotune", description=(
         "Tune convolution and GEMM kernels on this machine with Optuna, check every candidate "
         "against a float64 reference, and cache the fastest per shape."))
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     search = sub.add_parser("search", help="tune one op for one shape (or every LeNet layer)",
@@ -72,18 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "  autotune search gemm --shape 512x512x512\n"
                             "  autotune search lenet --batch 64\n"
                             "  autotune search model torchvision:resnet18 --shape 3x224x224 --batch 1\n"
-                            "  autotune search model mypackage.nets:build --shape 3x64x64",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            "  autotune search model mypackage.nets:build --shape 3x64x64")
     search.add_argument("op", help=f"one of {', '.join(OPS)}; 'model' for every layer of a model "
                         "(forward and both gradients); 'lenet' is 'model lenet'")
     search.add_argument("model", nargs="?", help="with 'model': lenet, torchvision:<name> (random "
                         "weights) or package.module:factory; --shape is one sample's CxHxW")
     _shape_options(search)
-    search.add_argument("--trials", type=int, default=40, help="distinct configs to measure (default 40)")
+    search.add_argument("--trials", type=int, default=None, help=f"distinct configs to measure (default "
+                        f"{DEFAULT_TRIALS}; on a cached shape, with --force)")
     search.add_argument("--timeout", type=float, help="stop the search after this many seconds")
     search.add_argument("--sampler", default="hybrid", choices=SAMPLER_CHOICES,
                         help="hybrid (default: random, then TPE), tpe, random, grid (exhaustive) or cmaes")
-    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     search.add_argument("--storage", help="Optuna storage URL (default: sqlite in the cache dir, "
                         "so an interrupted search resumes)")
     search.add_argument("--algorithms", help="comma-separated algorithms to consider (default: all)")
@@ -124,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "(kept as .cleared-<time>) and delete the Optuna studies next to it")
     cache.add_argument("--keep-studies", action="store_true", help="with clear: keep studies.db")
     _common(cache)
+
+    report = sub.add_parser("report", help="index.html with PNG figures of the cache, studies and training",
+                            description="Write OUT/index.html with PNG figures (speed-up over torch per "
+                            "cached shape, best-so-far time per Optuna study, GFLOP/s against this CPU's "
+                            "roofline, and with --summary the training example's step times and curves) "
+                            "and the same numbers as report.json, shapes.csv and studies.csv.")
+    report.add_argument("--out", type=Path, default=Path("report"), help="folder to write (default: report)")
+    report.add_argument("--summary", type=Path, metavar="PATH",
+                        help="train_lenet.py --summary-json file: step times tuned vs untuned, loss, accuracy")
+    report.add_argument("--peak-gflops", type=float, metavar="X",
+                        help="this machine's fp32 peak (default: measured now, numpy sgemm 2048^3, ~2 s)")
+    _common(report)
 
     info = sub.add_parser("info", help="device fingerprint, library versions and registered kernels")
     _common(info)
@@ -182,6 +226,9 @@ def _problem_from_args(args) -> Problem:
 
 
 def _check_search_args(args) -> None:
+    args.trials_given = args.trials is not None
+    if args.trials is None:
+        args.trials = DEFAULT_TRIALS
     if args.trials <= 0:
         raise AutotuneError(f"--trials must be a positive integer, got {args.trials}")
     if args.threads is not None and args.threads <= 0:
@@ -330,6 +377,8 @@ def _print_result(args, entry, cache: Cache) -> None:
         rows.append(("cached in", f"{cache.path}" + ("  (answered from the cache, no tuning)"
                                                      if entry.from_cache else "")))
     print(format_pairs(rows))
+    if entry.from_cache and getattr(args, "trials_given", False):
+        print(f"cached; use --force to re-tune (--trials {args.trials} was not used)")
 
 
 def _search_model(args, spec: str | None) -> int:
@@ -364,13 +413,16 @@ def _search_model(args, spec: str | None) -> int:
         print(json.dumps({"model": spec, "batch": batch, "layers": [_entry_json(e, cache) for e in entries],
                           "cache": str(cache.path)}, indent=1))
         return 0
-    print(format_table(("problem", "chosen", "knobs", "ms", "torch ms", "torch/chosen", "trusted"),
-                       [(e.problem.describe(), e.algorithm, knobs_text(e.knobs), ms(e.median_ms),
-                         ms(e.vendor_ms), ratio(e.vendor_ms, e.median_ms),
+    print(format_table(("op", "problem", "chosen", "knobs", "ms", "torch ms", "speed-up", "trusted"),
+                       [(e.op, problem_text(e.problem), e.algorithm, knobs_text(e.knobs, SHOW_KNOBS_WIDTH),
+                         ms(e.median_ms), ms(e.vendor_ms), ratio(e.vendor_ms, e.median_ms),
                          "yes" if e.trustworthy else "NO") for e in entries]))
     saved = sum(e.vendor_ms - e.median_ms for e in entries if e.vendor_ms and e.trustworthy)
+    cached = sum(1 for e in entries if e.from_cache)
     print(f"{len(entries)} problems; per training step the chosen kernels save {saved:.3f} ms over torch's ops "
-          f"(kernel time only)\ncached in {cache.path}")
+          f"(kernel time only); speed-up = torch ms / chosen ms, > 1 is faster than torch\ncached in {cache.path}")
+    if cached and args.trials_given and not args.force:
+        print(f"{cached} of them cached; use --force to re-tune")
     return 0
 
 
@@ -379,18 +431,41 @@ def cmd_show(args) -> int:
     _existing_cache_dir(args.cache_dir)
     cache = Cache(args.cache_dir)
     entries = [e for e in cache.entries().values() if not args.op or e.op == args.op]
-    entries.sort(key=lambda e: (e.op, e.problem.describe(), devices.label(e.device)))
+    entries.sort(key=lambda e: (e.op, _shape_order(e.problem), devices.label(e.device)))
     if args.json:
         print(json.dumps({"cache": str(cache.path), "entries": [e.as_dict() for e in entries]}, indent=1))
         return 0
     if not entries:
         print(f"no cached results in {cache.path}" + (f" for {args.op}" if args.op else ""))
         return 0
-    rows = [(e.problem.describe(), devices.label(e.device), e.algorithm, knobs_text(e.knobs), ms(e.median_ms),
-             ms(e.vendor_ms), ratio(e.vendor_ms, e.median_ms), e.source) for e in entries]
-    print(format_table(("problem", "device", "runs", "knobs", "ms", "torch ms", "torch/chosen", "source"), rows))
-    print(f"{len(rows)} entries in {cache.path}")
+    # One device (and thread count) for all: said once below instead of a column on every row.
+    where = {_device_text(e) for e in entries}
+    rows = [(SHOW_OP.get(e.op, e.op), problem_text(e.problem), *([_device_text(e)] if len(where) > 1 else []),
+             e.algorithm, knobs_text(e.knobs, SHOW_KNOBS_WIDTH), ms(e.median_ms), ms(e.vendor_ms),
+             ratio(e.vendor_ms, e.median_ms)) for e in entries]
+    headers = ("op", "problem", *(["device"] if len(where) > 1 else []), "runs", "knobs", "ms", "torch ms",
+               "speed-up")
+    print(format_table(headers, rows))
+    device_note = f" measured on {where.pop()}" if len(where) == 1 else ""
+    print(f"{len(rows)} entries{device_note} in {cache.path}\nop: conv = conv2d, conv.dx = conv2d_bwd_data, "
+          "conv.dw = conv2d_bwd_weight\nspeed-up = torch ms / ms (> 1: faster than torch); "
+          "--json for every field")
     return 0
+
+
+def _shape_order(problem: Problem) -> tuple:
+    """Shapes in numeric order (8x... before 64x...), then the rest of the description."""
+    from autotune.problem import problem_to_dict
+
+    data = problem_to_dict(problem)
+    return tuple((0, v, "") if isinstance(v, int) else (1, 0, str(v)) for v in data.values())
+
+
+def _device_text(entry) -> str:
+    """`cpu 1t` (the thread count is part of the key) or the GPU's name."""
+    if entry.device.get("kind") == "cuda":
+        return devices.label(entry.device)
+    return f"cpu {entry.threads} thread{'s' if entry.threads != 1 else ''}"
 
 
 def cmd_cache(args) -> int:
@@ -433,6 +508,21 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from autotune.report_html import build
+
+    if args.peak_gflops is not None and not args.peak_gflops > 0:
+        raise AutotuneError(f"--peak-gflops must be positive, got {args.peak_gflops}")
+    result = build(args.cache_dir, args.out, summary_path=args.summary, peak_gflops=args.peak_gflops)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"wrote {result['index']}: {len(result['figures'])} figures ({', '.join(result['figures']) or 'none'}) "
+          f"from {result['shapes']} cached shapes and {result['studies']} studies; numbers in "
+          f"{', '.join(result['data'])}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from autotune.bench import run_bench
 
@@ -446,6 +536,6 @@ def cmd_compile_check(args) -> int:
 
 
 COMMANDS = {"search": cmd_search, "show": cmd_show, "bench": cmd_bench, "cache": cmd_cache, "info": cmd_info,
-            "compile-check": cmd_compile_check}
+            "report": cmd_report, "compile-check": cmd_compile_check}
 
 __all__ = ["main", "build_parser"]

@@ -47,6 +47,10 @@ class _State:
         self.cache_dir: Path | None = None
         self.memo: dict[tuple[Problem, str], Choice] = {}
         self.warned: set[tuple[Problem, str]] = set()
+        # With quiet=True (policy()), the shapes that ran torch's op for want of a cached entry
+        # are collected here instead of warned about one by one; see uncached().
+        self.quiet = False
+        self.uncached: list[tuple[Problem, str]] = []
         self.stats: Counter[str] = Counter()
         # Bumped whenever a choice may change (policy, cache folder, reset): layers that hold
         # their resolved choices (autotune.nn) re-resolve when it moves.
@@ -71,14 +75,16 @@ def get_policy() -> str:
 
 
 @contextlib.contextmanager
-def policy(name: str, cache_dir: str | Path | None = None) -> Iterator[None]:
-    """`with autotune.policy("benchmark"): train(model)`: the policy inside the block only."""
-    before = (_state.policy, _state.cache_dir)
+def policy(name: str, cache_dir: str | Path | None = None, *, quiet: bool = False) -> Iterator[None]:
+    """`with autotune.policy("benchmark"): train(model)`: the policy inside the block only.
+    quiet=True: no warning per uncached shape; read them with uncached() and say it once."""
+    before = (_state.policy, _state.cache_dir, _state.quiet)
     set_policy(name, cache_dir)
+    _state.quiet = quiet
     try:
         yield
     finally:
-        _state.policy, _state.cache_dir = before
+        _state.policy, _state.cache_dir, _state.quiet = before
         _state.generation += 1
         if cache_dir is not None:
             _state.memo.clear()
@@ -95,10 +101,17 @@ def chosen() -> dict[Problem, Choice]:
     return {problem: choice for (problem, _), choice in _state.memo.items()}
 
 
+def uncached() -> list[tuple[Problem, str]]:
+    """(problem, device) pairs that ran on torch's op because nothing was cached for them
+    (collected inside a policy(..., quiet=True) block, in the order first seen)."""
+    return list(_state.uncached)
+
+
 def reset() -> None:
     """Forget the memo and statistics (the cache on disk stays)."""
     _state.memo.clear()
     _state.warned.clear()
+    _state.uncached.clear()
     _state.stats.clear()
     _state.generation += 1
 
@@ -167,7 +180,10 @@ def _measure(problem: Problem, device: str, specs, inputs, cache: Cache):
 def _default(problem: Problem, device: str, by_name: dict) -> Choice:
     if (problem, device) not in _state.warned:
         _state.warned.add((problem, device))
-        warnings.warn(f"no tuned kernel cached for {problem.describe()} on {device}; using torch's "
-                      "op (run `autotune search` or use policy 'benchmark')", stacklevel=4)
+        if _state.quiet:
+            _state.uncached.append((problem, device))
+        else:
+            warnings.warn(f"no tuned kernel cached for {problem.describe()} on {device}; using torch's "
+                          "op (run `autotune search` or use policy 'benchmark')", stacklevel=4)
     spec = by_name.get("vendor") or next(iter(by_name.values()))
     return Choice(spec=spec, knobs=spec.default_config(problem).as_dict(), source="default")

@@ -559,3 +559,28 @@ def _show_best(bar, seen: dict[str, Outcome]) -> None:
     if ok:
         median, key = min(ok)
         bar.set_postfix_str(f"best {median:.3f} ms ({_config_from_key(key).algorithm})", refresh=False)
+
+
+def study_histories(storage: str) -> list[dict]:
+    """Every study in `storage`, trials in the order they were measured, for reports: name and
+    [{"number", "algorithm", "status", "median_ms" (None unless ok)}]; [] when the storage holds
+    no study. Read-only; an unreadable storage is an AutotuneError."""
+    try:
+        summaries = optuna.study.get_all_study_summaries(storage=storage, include_best_trial=False)
+        histories = []
+        for summary in summaries:
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            trials = []
+            for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+                if "status" not in t.user_attrs:
+                    continue
+                m = t.user_attrs.get("measurement") or {}
+                ok = t.user_attrs["status"] == Status.OK.value and t.state == optuna.trial.TrialState.COMPLETE
+                trials.append({"number": t.number, "algorithm": t.user_attrs.get("algorithm", "?"),
+                               "status": t.user_attrs["status"],
+                               "median_ms": (t.value if t.value is not None else m.get("median_ms")) if ok else None})
+            histories.append({"name": summary.study_name, "trials": trials})
+        return histories
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and driver errors alike: the file is the cause
+        raise AutotuneError(f"cannot read the Optuna studies in {storage}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None

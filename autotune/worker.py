@@ -21,9 +21,12 @@ bring kernels of their own without registering anything), then in the registry.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import multiprocessing
+import signal
+import threading
 import time
 from collections.abc import Sequence
 
@@ -186,7 +189,11 @@ class IsolatedEvaluator:
             target=_serve, args=(child, self.device, self.kernel_modules, self.options, self.threads),
             name="autotune-worker", daemon=True,
         )
-        self._process.start()
+        # Ctrl-C reaches the whole process group: the worker starts with SIGINT ignored (spawn
+        # keeps that across exec, and Python then installs no handler), so only the search prints
+        # one line and stops it, instead of the worker printing a traceback first.
+        with _sigint_ignored():
+            self._process.start()
         child.close()  # so that a dead worker shows up as EOF on our end
         self._conn = parent
         if not parent.poll(self.start_timeout_s):
@@ -213,3 +220,15 @@ class IsolatedEvaluator:
             self._conn.close()
         self._process = None
         self._conn = None
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -8,6 +8,7 @@ and comparing never change the model that was evaluated and saved.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import statistics
 import time
@@ -127,6 +128,11 @@ def _self_us(event, device: torch.device) -> float:
 
 def profile_steps(model, data, args, device) -> dict:
     """torch.profiler over wait/warmup/active training steps: top-10 table and a Chrome trace."""
+    # Kineto (torch's profiler library) logs STAGE/USDT/ERROR lines to stderr on every run (on a
+    # CPU-only machine an "ERROR ... gpuGetDeviceCount failed"); level 6 silences them. It reads the
+    # variable when the profiler first starts, so setting it here is early enough; a user's own
+    # KINETO_LOG_LEVEL wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     out = Path(args.profile_dir)
     out.mkdir(parents=True, exist_ok=True)
     m, opt = copies(model, device, args.lr)["tuned" if args.tuned else "untuned"]

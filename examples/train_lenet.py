@@ -254,6 +254,19 @@ def print_summary(summary: dict) -> None:
     print("selections: " + ", ".join(f"{k} {sel[k]}" for k in SOURCES) + f" (memo hits {sel['memo']})")
 
 
+def warn_uncached(args, uncached: list[str]) -> None:
+    """One line for every shape that ran torch's op for want of a cached entry, with the command
+    that tunes them (instead of a warning per shape)."""
+    if not uncached:
+        return
+    extra = (f" --threads {args.threads}" if args.threads else "") + (
+        f" --cache-dir {args.cache_dir}" if args.cache_dir != "results" else "")
+    sizes = sorted({args.batch_size, args.test_batch_size} if args.epochs else {args.batch_size})
+    commands = " and ".join(f"`autotune search lenet --batch {n}{extra}`" for n in sizes)
+    print(f"train_lenet.py: warning: {len(uncached)} shapes had no tuned kernel cached and ran torch's op; "
+          f"tune them with {commands}, or use --policy benchmark", file=sys.stderr)
+
+
 def run(args) -> dict:
     device = resolve_device(args.device)
     if args.threads:
@@ -269,7 +282,7 @@ def run(args) -> dict:
     summary = {"dataset": data.name, "device": str(device), "tuned": args.tuned, "policy": args.policy}
     before = autotune.stats()
     # One policy block around everything: the memo it holds is the per-layer table we report.
-    with autotune.policy(args.policy, cache_dir=args.cache_dir):
+    with autotune.policy(args.policy, cache_dir=args.cache_dir, quiet=True):
         model, result = train(args, data, device)
         summary.update(result)
         summary["test_accuracy"] = result["epochs"][-1]["test_accuracy"] if result["epochs"] else None
@@ -281,6 +294,8 @@ def run(args) -> dict:
             summary["compare_batch_sizes"] = lenet_perf.compare_batch_sizes(model, data, args, device)
         summary["choices"] = choice_table()
         summary["selections"] = selections_since(before)
+        summary["uncached"] = [problem.describe() for problem, _ in autotune.uncached()]
+    warn_uncached(args, summary["uncached"])
     if args.save_model:
         Path(args.save_model).parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), args.save_model)

@@ -57,7 +57,7 @@ def test_search_gemm_json_and_show(capsys, cache_dir):
     assert code == 0 and data["from_cache"] is False and data["algorithm"]
     code, out, _ = run(capsys, "show", "--cache-dir", str(cache_dir))
     # Shown exactly when trustworthy (on a busy machine the noise guard may refuse to cache it).
-    assert code == 0 and ("gemm Aᵀ·B 24x16x8 float32" in out) == data["trustworthy"]
+    assert code == 0 and ("24x16x8 tn" in out) == data["trustworthy"]
     code, out, _ = run(capsys, "show", "--op", "conv2d", "--cache-dir", str(cache_dir))
     assert "no cached results" in out
     code, out, _ = run(capsys, "show", "--json", "--cache-dir", str(cache_dir))
@@ -177,7 +177,7 @@ def test_search_lenet_tunes_every_layer_once(capsys, cache_dir):
     # Every trustworthy layer is answered from the cache (the noise guard refuses the others).
     assert code == 0 and [a["from_cache"] for a in again] == [first["trustworthy"] for first in layers]
     code, out, _ = run(capsys, *argv[:-3], "--cache-dir", str(cache_dir))  # as a table
-    assert code == 0 and "conv2d_bwd_weight 2x1x28x28" in out
+    assert code == 0 and "conv2d_bwd_weight  2x1x28x28 k6x5x5" in out
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -244,3 +244,28 @@ def test_bench_remeasures_cached_shapes_against_torch(capsys, cache_dir):
 def test_bench_without_cached_shapes_says_what_to_do(capsys, cache_dir):
     code, out, err = run(capsys, "bench", "--cache-dir", str(cache_dir))
     assert code == 2 and "autotune search" in err and len(err.strip().splitlines()) == 1
+
+
+def test_version_and_help_show_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("autotune ")
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 1)" in out and "(default: hybrid)" not in out and "default 40" in out
+
+
+def test_show_fits_100_columns_and_cached_search_says_force(capsys, cache_dir):
+    import autotune
+
+    problem = autotune.parse_problem("conv2d", "2x3x10x10", filters="4x3x3")
+    autotune.search(problem, cache=autotune.Cache(cache_dir), trials=3, evaluate=_steady)
+    code, out, _ = run(capsys, "show", "--cache-dir", str(cache_dir))
+    assert code == 0 and "2x3x10x10 k4x3x3" in out and "speed-up" in out and "thread" in out
+    assert all(len(line) <= 100 for line in out.splitlines() if "autotune_cache.json" not in line)
+    argv = ["search", "conv2d", "--shape", "2x3x10x10", "--filters", "4x3x3", "--cache-dir", str(cache_dir)]
+    code, out, _ = run(capsys, *argv, "--trials", "5")
+    assert code == 0 and "cached; use --force to re-tune" in out
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "use --force" not in out

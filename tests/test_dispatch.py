@@ -118,3 +118,21 @@ def test_unwritable_cache_warns_and_training_goes_on(tmp_path):
             choice = _until_trusted(lambda: dispatch.select(PROBLEM, "cpu"))
     assert choice.source == "benchmark"
     assert any("kept for this process only" in str(w.message) for w in seen)
+
+
+def test_quiet_policy_collects_uncached_shapes_instead_of_warning(tmp_path):
+    import warnings
+
+    import autotune
+    from autotune import dispatch
+
+    problem = autotune.parse_problem("gemm", "8x8x8")
+    dispatch.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a per-shape warning would fail the test
+        with autotune.policy("cached", cache_dir=tmp_path, quiet=True):
+            dispatch.select(problem, "cpu")
+            dispatch.select(problem, "cpu")
+            assert autotune.uncached() == [(problem, "cpu")]
+    dispatch.reset()
+    assert autotune.uncached() == []
