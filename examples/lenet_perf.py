@@ -112,7 +112,13 @@ def compare_batch_sizes(model, data, args, device, *, steps: int = 6) -> list[di
             rows.append({"batch": batch_size, "mode": mode, "step_ms": ms,
                          "samples_per_s": batch_size / ms * 1e3, "top_op": top.key,
                          "top_self_ms": _self_us(top, device) / 1e3 / PROFILE_ACTIVE})
-    print(format_table(rows, ("batch", "mode", "step_ms", "samples_per_s", "top_op", "top_self_ms")))
+    # ratio tuned/untuned step time on each tuned row (< 1: the tuned kernels are faster)
+    for row in rows:
+        untuned = next((r for r in rows if r["batch"] == row["batch"] and r["mode"] == "untuned"), None)
+        row["ratio"] = (row["step_ms"] / untuned["step_ms"]
+                        if row["mode"] == "tuned" and untuned and untuned["step_ms"] else None)
+    print(format_table(rows, ("batch", "mode", "step_ms", "ratio", "samples_per_s", "top_op", "top_self_ms")))
+    print("ratio: tuned / untuned median step time (< 1: tuned is faster)")
     return rows
 
 
@@ -154,7 +160,9 @@ def profile_steps(model, data, args, device) -> dict:
         prof.export_chrome_trace(str(out / "trace.json"))
         print(text)
         result.update(table=str(out / "profile.txt"), trace=str(out / "trace.json"),
-                      our_kernels=sorted(e.key for e in ours))
+                      our_kernels=sorted(e.key for e in ours), top=_top_rows(events, 10),
+                      steps=PROFILE_ACTIVE, batch_size=args.batch_size,
+                      mode="tuned" if args.tuned else "untuned")
 
     with profile(activities=_activities(device), on_trace_ready=ready,
                  schedule=schedule(wait=PROFILE_WAIT, warmup=PROFILE_WARMUP, active=PROFILE_ACTIVE,
@@ -166,6 +174,15 @@ def profile_steps(model, data, args, device) -> dict:
     print(f"profile: table {out / 'profile.txt'}, Chrome trace {out / 'trace.json'} "
           "(open in chrome://tracing or ui.perfetto.dev)")
     return result
+
+
+def _top_rows(events, limit: int) -> list[dict]:
+    """The `limit` operators with the most self CPU time, as rows of numbers (ms over all steps)."""
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:limit]
+    return [{"name": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+             "self_cpu_pct": 100 * e.self_cpu_time_total / total, "cpu_total_ms": e.cpu_time_total / 1e3}
+            for e in top]
 
 
 def _ours_table(events) -> str:

@@ -11,6 +11,7 @@ choice in a cache that survives the process: a second run finds every choice the
     python examples/train_lenet.py --tuned --compare --limit-batches 200
     python examples/train_lenet.py --tuned --profile --tensorboard runs/lenet
     python examples/train_lenet.py --epochs 0 --compare-batch-sizes 1,16,64
+    python examples/train_lenet.py --tuned --epochs 1 --limit-batches 50 --report lab   # lab/index.html
 
 Exit status 2 with one line on stderr for bad flags or missing data.
 
@@ -38,6 +39,7 @@ import autotune
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this file
 import lenet_data  # noqa: E402
 import lenet_perf  # noqa: E402
+import lenet_report  # noqa: E402
 
 POLICIES = ("cached", "benchmark", "tune")  # autotune.policy() names
 SOURCES = ("cache", "benchmark", "tune", "default")  # how autotune.stats() counts selections
@@ -87,6 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--save-model", nargs="?", const="lenet5.pt", metavar="PATH",
                    help="save the trained state_dict (default path lenet5.pt)")
     p.add_argument("--summary-json", metavar="PATH", help="write losses, accuracy, choices as JSON")
+    p.add_argument("--report", metavar="DIR", help="write DIR/index.html: environment, network graph, "
+                   "loss and accuracy, profiler top 10, batch sizes 1/16/64 tuned vs untuned")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "test_batch_size"):
@@ -101,6 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UsageError(f"train_lenet.py: --{name} must be positive, got {getattr(args, name)}")
     if args.tensorboard and os.path.exists(args.tensorboard) and not os.path.isdir(args.tensorboard):
         raise UsageError(f"train_lenet.py: --tensorboard {args.tensorboard} is a file; give a folder")
+    if args.report and os.path.exists(args.report) and not os.path.isdir(args.report):
+        raise UsageError(f"train_lenet.py: --report {args.report} is a file; give a folder")
     if args.dry_run:
         if args.limit_batches not in (None, 1):
             raise UsageError("train_lenet.py: --dry-run runs one batch; leave out --limit-batches")
@@ -295,6 +301,8 @@ def run(args) -> dict:
         summary["choices"] = choice_table()
         summary["selections"] = selections_since(before)
         summary["uncached"] = [problem.describe() for problem, _ in autotune.uncached()]
+        if args.report:  # inside the policy block: its profiling and comparison select kernels too
+            summary["report"] = lenet_report.build(Path(args.report), summary, model, data, args, device)
     warn_uncached(args, summary["uncached"])
     if args.save_model:
         Path(args.save_model).parent.mkdir(parents=True, exist_ok=True)

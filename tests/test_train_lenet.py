@@ -114,7 +114,8 @@ def test_no_data_exits_2_with_one_line(train_lenet, tmp_path, capsys):
 @pytest.mark.parametrize("argv", [["--device", "tpu"], ["--compare-batch-sizes", "1,x"],
                                   ["--epochs", "-1"], ["--limit-batches", "0"], ["--bogus"],
                                   ["--lr", "-1"], ["--gamma", "0"], ["--epochs", "0"], ["--batch-size", "-1"],
-                                  ["--dry-run", "--limit-batches", "3"], ["--tensorboard", __file__]])
+                                  ["--dry-run", "--limit-batches", "3"], ["--tensorboard", __file__],
+                                  ["--report", __file__]])
 def test_bad_flags_exit_2_with_one_line(train_lenet, capsys, argv):
     assert train_lenet.main(argv) == 2
     err = capsys.readouterr().err
@@ -140,4 +141,40 @@ def test_dry_run_batch_size_comparison_and_saved_model(train_lenet, data_dir, tm
     assert result["selections"]["default"] > 0 and result["selections"]["benchmark"] == 0  # policy cached
     model = autotune.LeNet5()
     model.load_state_dict(torch.load(saved, weights_only=True))
-    assert "batch  mode" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "batch  mode" in out and "ratio" in out.split("batch  mode")[1].splitlines()[0]
+    assert all((r["ratio"] is None) == (r["mode"] == "untuned") for r in rows)
+    assert all(r["ratio"] > 0 for r in rows if r["mode"] == "tuned")
+
+
+@needs_fashion
+def test_report_writes_a_page_with_five_sections_and_real_figures(train_lenet, data_dir, tmp_path):
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    report, summary = tmp_path / "lab", tmp_path / "summary.json"
+    argv = _common(tmp_path, data_dir) + ["--tuned", "--epochs", "1", "--limit-batches", "3",
+                                          "--report", str(report), "--summary-json", str(summary)]
+    assert train_lenet.main(argv) == 0
+    page = (report / "index.html").read_text()
+    for section in ("environment", "graph", "trends", "profile", "batch-sizes"):
+        assert f"<h2 id='{section}'>" in page, section
+    for label in ("CPU", "vCPUs", "GPU", "OS", "Python", "torch", "torchvision", "numpy", "triton", "optuna",
+                  "CUDA"):
+        assert f"<tr><th>{label}</th>" in page, label
+    images = re.findall(r"<img src='([^']+)'", page)
+    assert set(images) == {"graph.png", "trends.png"}
+    for name in images:
+        pixels = np.asarray(Image.open(report / name).convert("L"), dtype=float)
+        assert pixels.var() > 0 and min(pixels.shape) > 100, name
+    profile = page.split("id='profile'")[1].split("id='batch-sizes'")[0]
+    assert 2 <= profile.count("<tr>") <= 11  # header + at most 10 operators
+    batches = page.split("id='batch-sizes'")[1]
+    assert "ratio tuned/untuned" in batches
+    assert [int(b) for b in re.findall(r"<tr><td>(\d+)</td>", batches)] == [1, 16, 64]
+    result = json.loads(summary.read_text())
+    assert len(result["losses"]) == 3 and result["report"]["figures"] == ["graph.png", "trends.png"]
+    assert len(result["report"]["profile"]["top"]) == 10
+    assert [r["batch"] for r in result["report"]["compare_batch_sizes"]] == [1, 1, 16, 16, 64, 64]
