@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import statistics
 import time
 import warnings
@@ -210,7 +209,8 @@ def open_writer(log_dir: str, model, data, device) -> SummaryWriter:
 
 
 def log_choices(writer: SummaryWriter, choices: list[dict]) -> None:
-    """Each problem's chosen algorithm as a text table and its kernel time as a scalar."""
+    """The kernel choices as one text table and one bar figure (kernel ms per problem, coloured by
+    algorithm), not one-dot scalars per problem."""
     if not choices:
         writer.add_text("kernels/choices", "torch's own layers (run with --tuned)")
         return
@@ -218,13 +218,31 @@ def log_choices(writer: SummaryWriter, choices: list[dict]) -> None:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in choices]
     writer.add_text("kernels/choices", "\n".join(lines))
-    for row in choices:
-        if row["kernel_ms"] is not None:
-            writer.add_scalar(f"kernel_ms/{_tag(row['problem'])}", row["kernel_ms"], 0)
+    timed = [row for row in choices if row["kernel_ms"] is not None]
+    if timed:
+        writer.add_figure("kernels/choice_times", _choices_figure(timed), 0)
 
 
-def _tag(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.replace("ᵀ", "T")).strip("_")
+def _choices_figure(rows: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    algorithms = sorted({row["algorithm"] for row in rows})
+    colours = {a: plt.cm.tab10(i % 10) for i, a in enumerate(algorithms)}
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.2))
+    ax.barh(range(len(rows)), [row["kernel_ms"] for row in rows],
+            color=[colours[row["algorithm"]] for row in rows])
+    ax.set_yticks(range(len(rows)), [row["problem"].replace(" stride 1", "").replace(" dil 1", "")
+                                     for row in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("kernel ms (as timed when chosen)")
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colours[a]) for a in algorithms], labels=algorithms,
+              fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
 
 
 # ---------------------------------------------------------------- plain-text tables
