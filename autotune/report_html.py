@@ -106,7 +106,8 @@ def shape_rows(entries: Sequence[Entry]) -> list[dict]:
 
 
 # figures ---------------------------------------------------------------------------------------
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display; also used by examples/lenet_report.py)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -115,10 +116,10 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buffer.getvalue()
 
 
@@ -126,7 +127,7 @@ def speedup_figure(rows: list[dict]) -> bytes | None:
     rows = [r for r in rows if r["speedup_chosen"]]
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     height = 0.38
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.5 * len(rows) + 0.3 * len({r["op"] for r in rows})))
     y, labels, ticks, op_rows = 0.0, [], [], []
@@ -164,14 +165,14 @@ def speedup_figure(rows: list[dict]) -> bytes | None:
     ax.set_title("Speed-up over torch per cached shape (label: algorithm)")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="x", which="both", alpha=0.3)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def studies_figure(histories: list[dict]) -> bytes | None:
     histories = [h for h in histories if any(t["median_ms"] for t in h["trials"])][:MAX_STUDY_PANELS]
     if not histories:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(3, len(histories))
     nrows = -(-len(histories) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
@@ -202,7 +203,7 @@ def studies_figure(histories: list[dict]) -> bytes | None:
     fig.tight_layout()
     fig.legend(loc="upper center", ncol=min(8, len(algorithms)), fontsize=8, bbox_to_anchor=(0.5, 0.0),
                title="each dot: one config measured, by algorithm (failed configs: no dot)", title_fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _wrap(name: str, width: int = 48) -> str:
@@ -220,7 +221,7 @@ def roofline_figure(rows: list[dict], peak: float, bandwidth: float | None) -> b
     rows = [r for r in rows if r["gflops_chosen"] and r["intensity"]]
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
     xs = np.array([r["intensity"] for r in rows])
     ridge = peak / bandwidth if bandwidth else xs.min()
@@ -256,7 +257,7 @@ def roofline_figure(rows: list[dict], peak: float, bandwidth: float | None) -> b
                 fontsize=7, color="0.3")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3, which="both")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def training_figure(summary: dict) -> bytes | None:
@@ -271,7 +272,7 @@ def training_figure(summary: dict) -> bytes | None:
         panels.append("accuracy")
     if not panels:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, panel in zip(axes.flat, panels, strict=True):
         if panel == "batches":
@@ -317,11 +318,12 @@ def training_figure(summary: dict) -> bytes | None:
     fig.suptitle(f"train_lenet.py on {summary.get('dataset', '?')} ({summary.get('device', '?')}, {mode})",
                  fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 # files -----------------------------------------------------------------------------------------
-def _write(path: Path, data: bytes | str) -> None:
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write `data` to `path` through a temp file and os.replace: readers never see half a file."""
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
@@ -393,15 +395,15 @@ def build(cache_dir: Path, out: Path, *, summary_path: Path | None = None, peak_
     written = []
     for name, (_, png) in figures.items():
         if png is not None:
-            _write(out / name, png)
+            write_atomic(out / name, png)
             written.append(name)
     data = {"cache": str(Cache(cache_dir).path), "peak_gflops": peak, "bandwidth_gbs": bandwidth,
             "shapes": rows, "studies": histories, "training": summary}
-    _write(out / "report.json", json.dumps(data, indent=1))
-    _write(out / "shapes.csv", _csv(rows))
+    write_atomic(out / "report.json", json.dumps(data, indent=1))
+    write_atomic(out / "shapes.csv", _csv(rows))
     study_rows = [{"study": h["name"], **t} for h in histories for t in h["trials"]]
-    _write(out / "studies.csv", _csv(study_rows))
-    _write(out / "index.html", _html(data, figures, written))
+    write_atomic(out / "studies.csv", _csv(study_rows))
+    write_atomic(out / "index.html", _html(data, figures, written))
     return {"out": str(out), "index": str(out / "index.html"), "figures": written,
             "data": ["report.json", "shapes.csv", "studies.csv"], "shapes": len(rows), "studies": len(histories),
             "peak_gflops": peak}

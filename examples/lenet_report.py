@@ -16,16 +16,16 @@ from __future__ import annotations
 import argparse
 import html
 import importlib.metadata
-import io
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import lenet_perf
 import torch
 
 import autotune
+from autotune import device
+from autotune.report_html import png_bytes, pyplot, write_atomic
 
 BATCH_SIZES = (1, 16, 64)
 COMPARE_STEPS = 6
@@ -48,22 +48,12 @@ def environment() -> list[tuple[str, str]]:
         cuda = f"none (torch built for CUDA {cuda_built}, no GPU visible)"
     else:
         cuda = "none"
-    rows = [("CPU", _cpu_model()), ("vCPUs", f"{os.cpu_count()} (torch threads: {torch.get_num_threads()})"),
+    rows = [("CPU", str(device.fingerprint("cpu")["cpu"])), ("vCPUs", f"{os.cpu_count()} (torch threads: {torch.get_num_threads()})"),
             ("GPU", gpu), ("OS", _os_name()), ("Python", platform.python_version()),
             ("autotune", autotune.__version__)]
     rows += [(name, _version(name)) for name in PACKAGES]
     rows.append(("CUDA", cuda))
     return rows
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def _os_name() -> str:
@@ -150,7 +140,7 @@ COLOURS = {"io": "#ffffff", "conv": "#cfe0f5", "linear": "#fbdcbf", "act": "#eee
 
 def graph_figure(nodes: list[dict], title: str) -> bytes:
     """Boxes in two columns (first half top to bottom, then the second), arrows along the data flow."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
     per_col = -(-len(nodes) // 2)
@@ -191,7 +181,7 @@ def graph_figure(nodes: list[dict], title: str) -> bytes:
                                 ("pool", "pooling"), ("shape", "reshape"))]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=5, fontsize=8,
               frameon=False)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 # ---------------------------------------------------------------- loss and accuracy
@@ -203,7 +193,7 @@ def trend_figure(summary: dict) -> bytes | None:
         return None
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": (2, 1)})
     y = np.asarray(losses, dtype=float)
     x = np.arange(1, len(y) + 1)
@@ -237,7 +227,7 @@ def trend_figure(summary: dict) -> bytes | None:
     right.set_title("Test accuracy after each epoch", fontsize=9)
     right.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 # ---------------------------------------------------------------- the page
@@ -265,10 +255,10 @@ def build(out: Path, summary: dict, model: torch.nn.Module, data, args: argparse
     written = []
     for name, png in figures.items():
         if png is not None:
-            _write(out / name, png)
+            write_atomic(out / name, png)
             written.append(name)
     page = _html(summary, environment(), profile, rows, written, out, mode)
-    _write(out / "index.html", page)
+    write_atomic(out / "index.html", page)
     print(f"report: {out / 'index.html'}")
     return {"index": str(out / "index.html"), "figures": written, "profile": profile,
             "compare_batch_sizes": rows}
@@ -346,34 +336,3 @@ def _rel(path: str, out: Path) -> str:
         return os.path.relpath(path, out)
     except ValueError:
         return path
-
-
-# ---------------------------------------------------------------- files and figures
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    return buffer.getvalue()
-
-
-def _write(path: Path, data: bytes | str) -> None:
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
