@@ -169,10 +169,6 @@ def _encode(algorithm: str, knobs: dict, spec) -> dict:
     return params
 
 
-def _space_size(specs) -> int:
-    return sum(spec.space.size() for spec in specs)
-
-
 def tune(
     problem: Problem,
     *,
