@@ -107,17 +107,13 @@ def test_show_and_the_training_choice_table_agree(capsys, tmp_path):
             "--cache-dir", cache_dir, "--batch-size", "4", "--test-batch-size", "4", "--no-progress",
             "--threads", "1", "--tuned", "--policy", "cached", "--epochs", "1", "--limit-batches", "2",
             "--summary-json", str(summary)]
-    with pytest.warns(UserWarning) if len(shown) < len(layers) else _no_warning():
-        assert train_lenet.main(argv) == 0
+    assert train_lenet.main(argv) == 0
+    # A layer the noise guard refused to cache runs torch's op, and training says so once.
+    uncached_warning = "had no tuned kernel cached" in capsys.readouterr().err
+    assert uncached_warning is (len(shown) < len(layers))
     trained = {row["problem"]: row for row in json.loads(summary.read_text())["choices"]}
     for problem, algorithm in shown.items():
         assert trained[problem]["algorithm"] == algorithm and trained[problem]["source"] == "cache", problem
-
-
-def _no_warning():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def test_a_new_shape_starts_from_its_cached_neighbours_winner(tmp_path):
