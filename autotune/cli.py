@@ -7,6 +7,7 @@ the input has been validated.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from autotune import device as devices
-from autotune import registry
+from autotune import measure, registry
 from autotune.cache import STUDIES_FILE, Cache, CacheWarning, default_dir
 from autotune.errors import AutotuneError
 from autotune.problem import DTYPES, OPS, Problem, parse_problem
@@ -123,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--stop", choices=("budget", "auto"), default="budget",
                         help="budget: measure --trials configs (default); auto: stop early once the best "
                         "has stalled and the rest of the budget cannot pay for itself over --calls calls")
+    search.add_argument("--no-layer-check", action="store_true",
+                        help="model/lenet searches: skip timing each layer as training calls it "
+                        "(forward + backward), which gives back to torch the kernels of ours that win "
+                        "alone but lose in the layer")
     search.add_argument("--in-process", action="store_true",
                         help="evaluate candidates in this process instead of an isolated worker: "
                         "less overhead, but a kernel that crashes or hangs ends the search")
@@ -386,14 +391,16 @@ def _search_model(args, spec: str | None) -> int:
     from tqdm.auto import tqdm
 
     from autotune import registry
-    from autotune.models import example_input, load_model, model_problems
+    from autotune.models import example_input, load_model, model_layers
+    from autotune.nn import problems_of
     from autotune.reference import torch_dtype
 
     if not spec:
         raise AutotuneError("search model needs a model: lenet, torchvision:<name> or package.module:factory")
     batch = args.batch or 64
     example = example_input(args.shape, batch, spec, torch_dtype(args.dtype))
-    problems = model_problems(load_model(spec), example)
+    calls = model_layers(load_model(spec), example)
+    problems = problems_of(calls)
     cache = Cache(args.cache_dir)
     plan = []
     for problem in problems:
@@ -409,14 +416,19 @@ def _search_model(args, spec: str | None) -> int:
         for problem, specs in plan:
             bar.set_description(f"{problem.op} {problem.describe().split(' ', 2)[1]}")
             entries.append(_search(args, cache, problem, specs, progress=bar))
+    verdicts = [] if args.no_layer_check else _check_layers(args, cache, calls, entries, plan)
     if args.json:
         print(json.dumps({"model": spec, "batch": batch, "layers": [_entry_json(e, cache) for e in entries],
-                          "cache": str(cache.path)}, indent=1))
+                          "layer_checks": [v.as_dict() for v in verdicts], "cache": str(cache.path)}, indent=1))
         return 0
     print(format_table(("op", "problem", "chosen", "knobs", "ms", "torch ms", "speed-up", "trusted"),
                        [(e.op, problem_text(e.problem), e.algorithm, knobs_text(e.knobs, SHOW_KNOBS_WIDTH),
                          ms(e.median_ms), ms(e.vendor_ms), ratio(e.vendor_ms, e.median_ms),
                          "yes" if e.trustworthy else "NO") for e in entries]))
+    for v in verdicts:
+        kept = f"keeps ours for {'+'.join(v.kept)}" if v.kept else "runs torch's layer"
+        back = f"; gave {'+'.join(v.given_back)} back to torch" if v.given_back else ""
+        print(f"layer check {v.call.kind} {problem_text(v.call.problems[0])}: {kept}{back} ({v.reason})")
     saved = sum(e.vendor_ms - e.median_ms for e in entries if e.vendor_ms and e.trustworthy)
     cached = sum(1 for e in entries if e.from_cache)
     print(f"{len(entries)} problems; per training step the chosen kernels save {saved:.3f} ms over torch's ops "
@@ -424,6 +436,29 @@ def _search_model(args, spec: str | None) -> int:
     if cached and args.trials_given and not args.force:
         print(f"{cached} of them cached; use --force to re-tune")
     return 0
+
+
+def _check_layers(args, cache: Cache, calls, entries: list, plan: list) -> list:
+    """Time each layer that runs a kernel of ours the way training calls it (autotune.layer_check);
+    `entries` (in `plan` order) are updated to what the check left in the cache."""
+    from autotune.layer_check import check_layers
+
+    if not args.json:
+        print("checking the layers as training calls them (forward + backward) ...", file=sys.stderr)
+    # The thread count is part of the cache key: look entries up as the search stored them.
+    with measure.pinned_threads(args.threads if args.device == "cpu" else None):
+        verdicts = check_layers(calls, cache=cache, device=args.device)
+        if verdicts:
+            entries[:] = [_after_check(e, cache, args.device, specs) for e, (_, specs) in zip(entries, plan, strict=True)]
+    return verdicts
+
+
+def _after_check(entry, cache: Cache, device: str, specs):
+    """The entry as the layer check left it in the cache (the same one where it changed nothing)."""
+    if not entry.trustworthy:
+        return entry
+    now = cache.find(entry.problem, device, specs)
+    return entry if now is None else dataclasses.replace(now, from_cache=entry.from_cache)
 
 
 # show / cache / info ----------------------------------------------------------------------------

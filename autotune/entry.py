@@ -53,6 +53,9 @@ class Entry:
     reason: str = ""  # why this algorithm, or why the timing is not trusted
     source: str = "search"  # "search", "benchmark" (the dispatch policy) or "tune" (policy)
     created: str = ""
+    # What timing the whole layer as training calls it said (autotune.layer_check): "kept: ..." or
+    # "lost: ..." with the times; "" where no layer was checked (a single-problem search).
+    layer_check: str = ""
     # Where this entry came from in this process (not stored).
     from_cache: bool = field(default=False, compare=False)
 
@@ -97,9 +100,9 @@ _FIELD_TYPES: dict[str, object] = {
     "device": dict, "versions": dict, "algorithm": str, "knobs": dict, "kernel_hashes": dict,
     "median_ms": float, "p20_ms": float, "p80_ms": float, "vendor_ms": (float, None), "trials": dict,
     "threads": int, "trustworthy": bool, "reason": (str,), "source": (str,), "created": (str,),
-    "valid_configs": (int,), "stopped": (str,),
+    "valid_configs": (int,), "stopped": (str,), "layer_check": (str,),
 }
-_OPTIONAL = {"reason", "source", "created", "valid_configs", "stopped"}
+_OPTIONAL = {"reason", "source", "created", "valid_configs", "stopped", "layer_check"}
 
 
 def _check(data: dict, types: dict, prefix: str) -> None:

@@ -120,7 +120,7 @@ def bench_cpu(fn: Callable[[], object], *, warmup_ms: float = 5.0, rep_ms: float
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return _summarize(times)
+    return summarize(times)
 
 
 def bench_gpu(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> Measurement:
@@ -137,7 +137,8 @@ def bench(fn: Callable[[], object], *, device: str, warmup_ms: float | None = No
     return bench_gpu(fn, **options) if device == "cuda" else bench_cpu(fn, **options)
 
 
-def _summarize(times: list[float]) -> Measurement:
+def summarize(times: list[float]) -> Measurement:
+    """Median and p20/p80 of timings in milliseconds."""
     times = sorted(times)
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
     return Measurement(median=statistics.median(times), p20=q[1], p80=q[7], n=len(times))

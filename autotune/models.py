@@ -4,18 +4,23 @@
 `torchvision:<name>` (built with random weights: nothing is downloaded), `lenet` (LeNet-5 on
 1x28x28), or `package.module:factory` for a user's own (the module is imported and `factory()`
 called, as `python -c` would: name only code you trust). One forward pass with hooks then
-collects every conv2d/linear problem, forward and both gradients (autotune.nn.layer_problems).
+collects every conv2d/linear problem, forward and both gradients (autotune.nn.layer_calls);
+after the search, each layer is checked as training calls it (autotune.layer_check).
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from autotune.errors import AutotuneError, ShapeError
 from autotune.problem import Problem, parse_dims
+
+if TYPE_CHECKING:
+    from autotune.nn import LayerCall
 
 LENET_INPUT = (1, 28, 28)
 
@@ -58,15 +63,22 @@ def example_input(shape: str | None, batch: int, spec: str, dtype: torch.dtype) 
     return torch.randn(batch, *dims, dtype=dtype)
 
 
-def model_problems(model: nn.Module, example: torch.Tensor) -> list[Problem]:
-    """Every distinct problem one training step of `model` on `example` dispatches."""
-    from autotune.nn import layer_problems
+def model_layers(model: nn.Module, example: torch.Tensor) -> list[LayerCall]:
+    """Every distinct conv2d/linear call one training step of `model` on `example` makes."""
+    from autotune.nn import layer_calls
 
     model = model.to(example.dtype)
     try:
-        problems = layer_problems(model, example)
+        calls = layer_calls(model, example)
     except (RuntimeError, ValueError) as exc:  # a shape the model cannot take, a conv we cannot run
         raise ShapeError(f"the model cannot run on input {tuple(example.shape)}: {str(exc).splitlines()[0]}") from None
-    if not problems:
+    if not calls:
         raise AutotuneError("the model has no nn.Conv2d or nn.Linear layer to tune")
-    return problems
+    return calls
+
+
+def model_problems(model: nn.Module, example: torch.Tensor) -> list[Problem]:
+    """Every distinct problem one training step of `model` on `example` dispatches."""
+    from autotune.nn import problems_of
+
+    return problems_of(model_layers(model, example))

@@ -30,18 +30,25 @@ def run(problem: Problem, *inputs: torch.Tensor) -> torch.Tensor:
 
 def _launch(choice: dispatch.Choice, problem: Problem, *inputs: torch.Tensor) -> torch.Tensor:
     """Run an already chosen kernel. This is the hot path of every layer call, so it does only
-    what the kernel needs: NumPy kernels get detached tensors (numpy views refuse tensors that
-    require grad), a kernel whose library allocates its own result gets no output buffer."""
-    inputs = tuple(t if t.is_contiguous() else t.contiguous() for t in inputs)
+    what the kernel needs: our NumPy kernels take their numpy views themselves (a plugin's get
+    detached tensors, as numpy views refuse tensors that require grad), and a kernel whose
+    library allocates its own result gets no output buffer."""
+    if not all(t.is_contiguous() for t in inputs):
+        inputs = tuple(t.contiguous() for t in inputs)
     spec = choice.spec
-    if spec.backend == "numpy":
+    if spec.plugin and spec.backend == "numpy":
         inputs = tuple(t.detach() for t in inputs)
-    out = None if spec.allocates else inputs[0].new_empty(problem.output_shape())
+    out = None if spec.allocates else inputs[0].new_empty(_output_shape(problem))
     if not _profiling():
         return spec.run(problem, choice.knobs, inputs, out)
     # Labels cost microseconds per call, so they are only made while a profiler listens.
     with torch.profiler.record_function(f"autotune::{problem.op}:{spec.algorithm}"):
         return spec.run(problem, choice.knobs, inputs, out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _output_shape(problem: Problem) -> tuple[int, ...]:
+    return tuple(problem.output_shape())
 
 
 def _profiling() -> bool:
@@ -153,6 +160,8 @@ class _Conv2dFunction(torch.autograd.Function):
             # torch's conv adds the bias in the same call; a separate add would cost a pass.
             with _label("autotune::conv2d:vendor"):
                 return _VENDOR_OPS().conv2d_bias(problem, x, w, b)
+        if b is not None and plan.forward_choice.spec.bias_epilogue:
+            return _launch(plan.forward_choice, problem, x, w, b)  # the kernel adds the bias
         y = _launch(plan.forward_choice, problem, x, w)
         return y if b is None else y.add_(b.view(1, -1, 1, 1))
 
@@ -277,29 +286,49 @@ def patch(model: nn.Module) -> nn.Module:
     return model
 
 
-def layer_problems(model: nn.Module, example: torch.Tensor) -> list[Problem]:
-    """Every problem a training step of `model` on inputs like `example` dispatches, in order.
+@dataclass(frozen=True)
+class LayerCall:
+    """One conv2d/linear layer as a training step calls it: the input's shape and whether it
+    needs a gradient, the layer's parameters, and the problems the call dispatches (forward,
+    grad input, grad weight; grad input is None where autograd skips it, at the first layer)."""
 
-    Found by a forward pass with hooks; grad-input problems are left out where the layer's input
-    needs no gradient (the first layer), as autograd would skip them too.
-    """
-    problems: list[Problem] = []
+    kind: str  # "conv2d" or "linear"
+    x_shape: tuple[int, ...]
+    x_requires_grad: bool
+    dtype: torch.dtype
+    weight_shape: tuple[int, ...]
+    has_bias: bool
+    geometry: tuple = ()  # conv: (stride, padding, dilation)
+    problems: tuple = ()  # (forward, grad input | None, grad weight)
+
+
+def layer_calls(model: nn.Module, example: torch.Tensor) -> list[LayerCall]:
+    """Every distinct conv2d/linear call one training step of `model` on inputs like `example`
+    makes, in order. Found by a forward pass with hooks; convs patch() leaves to torch are skipped."""
+    calls: list[LayerCall] = []
 
     def hook(module, args, _output):
         x = args[0]
-        dtype = _DTYPE_NAMES[x.dtype]
+        grad_input = x.requires_grad
         if isinstance(module, nn.Conv2d):
             if not _patchable_conv(module):
                 return  # patch() leaves it to torch (groups, padding modes, unequal strides)
             fwd = conv_problem(x, module.weight, module.stride, module.padding, module.dilation)
-            ops = ["conv2d"] + (["conv2d_bwd_data"] if x.requires_grad else []) + ["conv2d_bwd_weight"]
-            problems.extend(fwd.with_op(op) for op in ops)
+            calls.append(LayerCall(kind="conv2d", x_shape=tuple(x.shape), x_requires_grad=grad_input,
+                                   dtype=x.dtype, weight_shape=tuple(module.weight.shape),
+                                   has_bias=module.bias is not None,
+                                   geometry=(fwd.stride, fwd.padding, fwd.dilation),
+                                   problems=(fwd, fwd.with_op("conv2d_bwd_data") if grad_input else None,
+                                             fwd.with_op("conv2d_bwd_weight"))))
         elif isinstance(module, nn.Linear):
             batch, fan_in, fan_out = x.reshape(-1, x.shape[-1]).shape[0], module.in_features, module.out_features
-            problems.append(GemmProblem(m=batch, n=fan_out, k=fan_in, trans_b=True, dtype=dtype))
-            if x.requires_grad:
-                problems.append(GemmProblem(m=batch, n=fan_in, k=fan_out, dtype=dtype))
-            problems.append(GemmProblem(m=fan_out, n=fan_in, k=batch, trans_a=True, dtype=dtype))
+            calls.append(LayerCall(kind="linear", x_shape=(batch, fan_in), x_requires_grad=grad_input,
+                                   dtype=x.dtype, weight_shape=tuple(module.weight.shape),
+                                   has_bias=module.bias is not None,
+                                   problems=(_gemm_problem(batch, fan_out, fan_in, False, True, x.dtype),
+                                             _gemm_problem(batch, fan_in, fan_out, False, False, x.dtype)
+                                             if grad_input else None,
+                                             _gemm_problem(fan_out, fan_in, batch, True, False, x.dtype))))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
@@ -308,8 +337,33 @@ def layer_problems(model: nn.Module, example: torch.Tensor) -> list[Problem]:
     finally:
         for h in handles:
             h.remove()
-    unique: dict[Problem, None] = dict.fromkeys(problems)
-    return list(unique)
+    return list(dict.fromkeys(calls))
+
+
+def layer_problems(model: nn.Module, example: torch.Tensor) -> list[Problem]:
+    """Every problem a training step of `model` on inputs like `example` dispatches, in order
+    (grad-input problems left out where the layer's input needs no gradient, as autograd does)."""
+    return problems_of(layer_calls(model, example))
+
+
+def problems_of(calls: list[LayerCall]) -> list[Problem]:
+    """The distinct problems of the calls, in order."""
+    return list(dict.fromkeys(p for call in calls for p in call.problems if p is not None))
+
+
+def run_layer(call: LayerCall, choices: tuple, x: torch.Tensor, w: torch.Tensor,
+              b: torch.Tensor | None) -> torch.Tensor:
+    """The layer `call` with the given (forward, grad input, grad weight) dispatch choices, as
+    the layer API would run it with those choices cached (all torch's: torch's own layer). For
+    autotune.layer_check, which times the alternatives the way training calls them."""
+    forward, grad_input, grad_weight = call.problems
+    plan = _Plan(generation=-1, forward=forward, grad_input=grad_input, grad_weight=grad_weight,
+                 forward_choice=choices[0], grad_input_choice=choices[1], grad_weight_choice=choices[2])
+    if call.kind == "conv2d":
+        if plan.torch_only:
+            return F.conv2d(x, w, b, *call.geometry)
+        return _Conv2dFunction.apply(x, w, b, plan)
+    return F.linear(x, w, b) if plan.torch_only else _LinearFunction.apply(x, w, b, plan)
 
 
 def _plain_forward(model: nn.Module, example: torch.Tensor) -> None:

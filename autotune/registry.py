@@ -95,6 +95,9 @@ class KernelSpec:
     # True when the kernel's library allocates its result (torch's ops): run() then accepts
     # out=None, which spares the hot path an allocation.
     allocates: bool = False
+    # True when run() also takes a layer's bias as a third input, (x, w, b), and adds it in the
+    # kernel's epilogue (forward convs): the layer then skips a separate pass over the output.
+    bias_epilogue: bool = False
     # What check() believes a config needs on a GPU, e.g. {"shared": bytes, "registers": per
     # thread}; `autotune compile-check` compares it with the compiler's figures.
     resources: Callable[[Problem, Knobs], Mapping[str, int]] | None = None

@@ -138,11 +138,21 @@ def _image_rows(flat: np.ndarray, shape, r: int, s: int, dil: int, offset: int =
                       writeable=False)
 
 
-def _im2col_forward(x, w, out, *, pad, stride, dil, batch_chunk, gemm_order, layout="exact"):
-    """y = conv(x, w) into `out` (N, K, P, Q), one patch matrix per block of images."""
+def _store(dest: np.ndarray, block: np.ndarray, bias: np.ndarray | None) -> None:
+    """dest = block (+ bias per output channel): the bias rides on the copy every layout makes
+    anyway (the epilogue), instead of a separate pass over the whole output."""
+    if bias is None:
+        dest[...] = block
+    else:
+        np.add(block, bias, out=dest)
+
+
+def _im2col_forward(x, w, out, *, pad, stride, dil, batch_chunk, gemm_order, layout="exact", bias=None):
+    """y = conv(x, w) (+ bias) into `out` (N, K, P, Q), one patch matrix per block of images."""
+    bias = None if bias is None else bias.reshape(-1, 1, 1)  # broadcasts over (N, K, P, Q)
     if layout == "batch_inner":
         return _im2col_forward_batch_inner(x, w, out, pad=pad, stride=stride, dil=dil,
-                                           batch_chunk=batch_chunk)
+                                           batch_chunk=batch_chunk, bias=bias)
     n, c = x.shape[:2]
     k, _, r, s = w.shape
     p, q = out.shape[2:]
@@ -164,7 +174,7 @@ def _im2col_forward(x, w, out, *, pad, stride, dil, batch_chunk, gemm_order, lay
             m = n1 - n0
             np.copyto(cols[:, :, :, :m], view[n0:n1].transpose(1, 2, 3, 0, 4, 5))
             np.matmul(wm, cols[:, :, :, :m].reshape(crs, m * pix), out=y[:, :m].reshape(k, m * pix))
-            out[n0:n1] = y[:, :m, :, :q].transpose(1, 0, 2, 3)
+            _store(out[n0:n1], y[:, :m, :, :q].transpose(1, 0, 2, 3), bias)
     elif gemm_order == "w_by_cols":
         # cols[n] is (C·R·S, pixels): W·cols[n] is out[n] itself (exact layout: written in place).
         cols = np.empty((b, c, r, s, p, width), x.dtype)
@@ -175,7 +185,9 @@ def _im2col_forward(x, w, out, *, pad, stride, dil, batch_chunk, gemm_order, lay
             dest = out[n0:n1] if layout == "exact" else y[:m]
             np.matmul(wm, cols[:m].reshape(m, crs, pix), out=dest.reshape(m, k, pix))
             if layout != "exact":
-                out[n0:n1] = dest[..., :q]
+                _store(out[n0:n1], dest[..., :q], bias)
+            elif bias is not None:
+                dest += bias  # while the block is still in cache
     else:
         # Classic im2col rows (pixels x taps): colsᵀ·Wᵀ gives (pixels, K), transposed on the way out.
         cols = np.empty((b, p, q, c, r, s), x.dtype)
@@ -185,7 +197,7 @@ def _im2col_forward(x, w, out, *, pad, stride, dil, batch_chunk, gemm_order, lay
             block = cols[:n1 - n0]
             np.copyto(block, view[n0:n1].transpose(0, 4, 5, 1, 2, 3))
             np.matmul(block.reshape(m, crs), wm.T, out=prod[:m])
-            out[n0:n1] = prod[:m].reshape(n1 - n0, p, q, k).transpose(0, 3, 1, 2)
+            _store(out[n0:n1], prod[:m].reshape(n1 - n0, p, q, k).transpose(0, 3, 1, 2), bias)
     return out
 
 
@@ -202,7 +214,7 @@ def _batch_inner_windows(x: np.ndarray, pad: int, r: int, s: int, p: int, q: int
                       strides=(sc, sh * dil, sw * dil, sh * stride, sw * stride, sn), writeable=False)
 
 
-def _im2col_forward_batch_inner(x, w, out, *, pad, stride, dil, batch_chunk):
+def _im2col_forward_batch_inner(x, w, out, *, pad, stride, dil, batch_chunk, bias=None):
     """One GEMM per block of images: W (K, C·R·S) · cols (C·R·S, P·Q·images), then the
     (K, P, Q, images) result is transposed into out."""
     n, c = x.shape[:2]
@@ -218,14 +230,16 @@ def _im2col_forward_batch_inner(x, w, out, *, pad, stride, dil, batch_chunk):
         np.copyto(block, _batch_inner_windows(x[n0:n1], pad, r, s, p, q, stride, dil))
         prod = y[:, :p * q * m]
         np.matmul(wm, block.reshape(c * r * s, p * q * m), out=prod)
-        out[n0:n1] = prod.reshape(k, p, q, m).transpose(3, 0, 1, 2)
+        _store(out[n0:n1], prod.reshape(k, p, q, m).transpose(3, 0, 1, 2), bias)
     return out
 
 
 def conv2d_im2col_gemm(problem, knobs, inputs, out):
-    x, w = (_np(t) for t in inputs)
+    """inputs (x, w) or, from a layer with a bias, (x, w, b): the bias is fused (bias_epilogue)."""
+    x, w, *bias = (_np(t) for t in inputs)
     _im2col_forward(x, w, _np(out), pad=problem.padding, stride=problem.stride, dil=problem.dilation,
-                    batch_chunk=knobs["batch_chunk"], gemm_order=knobs["gemm_order"], layout=knobs["layout"])
+                    batch_chunk=knobs["batch_chunk"], gemm_order=knobs["gemm_order"], layout=knobs["layout"],
+                    bias=bias[0] if bias else None)
     return out
 
 
@@ -600,16 +614,16 @@ def _prefer_wide(knobs):
     return defaults
 
 
-def _spec(op, algorithm, run, defaults, check, supports=None):
+def _spec(op, algorithm, run, defaults, check, supports=None, bias_epilogue=False):
     extra = {"supports": supports} if supports else {}
     return KernelSpec(op=op, algorithm=algorithm, backend="numpy", run=run, check=check,
-                      defaults=defaults, **extra)
+                      defaults=defaults, bias_epilogue=bias_epilogue, **extra)
 
 
 KERNELS = [
     _spec("conv2d", "im2col_gemm", conv2d_im2col_gemm,
           _prefer_wide({"batch_chunk": 4, "gemm_order": "w_by_cols"}),
-          _wide_rules(lambda problem: problem.stride)),
+          _wide_rules(lambda problem: problem.stride), bias_epilogue=True),
     _spec("conv2d", "per_tap", conv2d_per_tap,
           {"loop_order": "taps_outer", "col_chunk": 16384},
           _checker({"loop_order": ("taps_outer", "channels_outer")}, positive=("col_chunk",)),

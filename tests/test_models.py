@@ -30,11 +30,21 @@ def test_search_model_tunes_each_problem_once(capsys, tmp_path):
     argv = ["search", "model", "small_cnn:build", "--shape", SHAPE, "--batch", str(BATCH), "--trials", "2",
             "--threads", "1", "--json", "--cache-dir", str(tmp_path)]
     assert main(argv) == 0
-    layers = json.loads(capsys.readouterr().out)["layers"]
+    out = json.loads(capsys.readouterr().out)
+    layers = out["layers"]
     assert len(layers) == 17 and not any(layer["from_cache"] for layer in layers)
+    # Every layer that cached a kernel of ours was timed as training calls it; what it gave back
+    # to torch is what the layers list (and the cache) now say.
+    ours = {json.dumps(layer["problem"]) for layer in layers if layer["algorithm"] != "vendor"}
+    for check in out["layer_checks"]:
+        assert set(check["times"]) >= {"torch"} and set(check["kept"]).isdisjoint(check["given_back"])
+    given_back = [layer for layer in layers if layer["reason"].startswith("lost in the layer")]
+    assert all(layer["algorithm"] == "vendor" and layer["best_own"] for layer in given_back)
+    assert all(json.dumps(layer["problem"]) not in ours for layer in given_back)
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)["layers"]
     assert [a["from_cache"] for a in again] == [first["trustworthy"] for first in layers]
+    assert [a["algorithm"] for a in again if a["trustworthy"]] == [f["algorithm"] for f in layers if f["trustworthy"]]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -182,3 +182,25 @@ def test_bwd_data_transpose_runs_stride_one_so_wide_is_valid_for_strides():
     spec = registry.get("conv2d_bwd_data", "direct_transpose", "cpu")
     problem = Conv2dProblem(op="conv2d_bwd_data", stride=2, **PLAIN)
     assert spec.check(problem, spec.full_knobs(problem, {"layout": "wide"})) is None
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[:4])
+def test_correctness_bias_epilogue_matches_conv_plus_bias(geometry):
+    """Kernels with bias_epilogue add a layer's bias in their last copy: every layout and GEMM
+    order gives conv(x, w) + b, per output channel."""
+    fused = [spec for spec in SPECS if spec.bias_epilogue]
+    assert fused, "im2col_gemm fuses the bias"
+    problem = _problem("conv2d", geometry)
+    x, w = make_inputs(problem, seed=3)
+    b = torch.randn(problem.k, dtype=torch.float32)
+    expected = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), problem.stride,
+                                          problem.padding, problem.dilation)
+    for spec in fused:
+        for knobs in _knob_variants(spec, problem):
+            full = spec.full_knobs(problem, knobs)
+            if spec.check(problem, full) is not None:
+                continue
+            out = empty_output(problem).fill_(float("nan"))
+            spec.run(problem, full, (x, w, b), out)
+            ok, error = verify(problem, out, expected)
+            assert ok, (spec.algorithm, full, error)

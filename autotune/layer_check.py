@@ -1,0 +1,171 @@
+"""Tune what training runs: a layer's choices confirmed on the layer, not product by product.
+
+A search times each product (forward, grad input, grad weight) of a layer on its own. A layer
+pays more for leaving torch's op than those timings show: our autograd.Function, the bias add
+and the bias gradient as separate passes, and above all torch's backward computes dx, dw and db
+in ONE convolution_backward call, cheaper than its two products timed apart. A kernel that wins
+in isolation can lose in the layer.
+
+So after a model's products are searched, every layer whose cached choices run a kernel of ours
+is timed the way training calls it (forward + backward of the real layer API, interleaved
+rounds), once with torch's own layer and once for every way of giving some of our products
+back to torch. The fastest plan wins only when it is clearly faster than torch's layer beyond
+the measured noise (a tie, or a busy machine, is torch's). Products the winner gives back are
+re-cached as torch's op with the reason, so `autotune show` and training keep agreeing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from autotune import measure, registry
+from autotune.cache import Cache
+from autotune.dispatch import Choice
+from autotune.entry import VENDOR, Entry
+from autotune.measure import Measurement
+from autotune.nn import LayerCall, run_layer
+
+PRODUCTS = ("fwd", "dx", "dw")  # forward, grad input, grad weight: positions in LayerCall.problems
+ROUND_BUDGET_MS = 300.0  # timing per plan (the rounds stop when every plan has had about this)
+MIN_ROUNDS, MAX_ROUNDS, WARMUP_ROUNDS = 20, 400, 3
+
+# Times a list of plans (each a zero-argument training call) in interleaved rounds -> one
+# Measurement per plan. Replaceable in tests.
+TimePlans = Callable[[Sequence[Callable[[], None]]], list[Measurement]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerVerdict:
+    call: LayerCall
+    times: dict[str, Measurement]  # plan label ("torch", "ours fwd+dw", ...) -> layer step time
+    kept: tuple[str, ...]  # our products the layer keeps ("fwd", "dx", "dw")
+    given_back: tuple[str, ...]  # our products that lost in the layer, now cached as torch's op
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"layer": describe(self.call), "kept": list(self.kept), "given_back": list(self.given_back),
+                "reason": self.reason, "times": {k: m.as_dict() for k, m in self.times.items()}}
+
+
+def describe(call: LayerCall) -> str:
+    return f"{call.kind} {call.problems[0].describe()}"
+
+
+def check_layers(calls: Sequence[LayerCall], *, cache: Cache, device: str,
+                 time_plans: TimePlans | None = None) -> list[LayerVerdict]:
+    """Check every layer whose cached choices run a kernel of ours; re-cache the products that
+    lose in the layer as torch's op. Layers that run torch's op only are not timed."""
+    time_plans = time_plans or (lambda plans: interleaved(plans, device=device))
+    verdicts = []
+    for call in calls:
+        entries = _entries(call, cache, device)
+        ours = [i for i, e in enumerate(entries) if e is not None and e.algorithm != VENDOR
+                and e.vendor_ms is not None]
+        if ours and not all(entries[i].layer_check for i in ours):  # checked before: trust it
+            verdicts.append(_check(call, entries, ours, cache, device, time_plans))
+    return verdicts
+
+
+def _entries(call: LayerCall, cache: Cache, device: str) -> list[Entry | None]:
+    return [None if p is None else cache.find(p, device, registry.kernels_for(p, device)) for p in call.problems]
+
+
+def _check(call, entries, ours, cache, device, time_plans) -> LayerVerdict:
+    own = {i: _choice(call.problems[i], device, entries[i].algorithm, entries[i].knobs) for i in ours}
+    vendor = {i: _choice(p, device, VENDOR, {}) for i, p in enumerate(call.problems) if p is not None}
+    # Every subset of our products (the empty one is torch's own layer), largest first.
+    subsets = [s for n in range(len(ours), -1, -1) for s in itertools.combinations(ours, n)]
+    step = _trainer(call, device)
+    plans = [step(tuple(own[i] if i in s else vendor.get(i) for i in range(3))) for s in subsets]
+    measured = dict(zip(subsets, time_plans(plans), strict=True))
+    torch_layer = measured[()]
+    winners = [s for s in subsets if s and measure.clearly_faster(measured[s], torch_layer)]
+    best = min(winners, key=lambda s: measured[s].median, default=())
+    times = {_label(s): m for s, m in measured.items()}
+    if best:
+        reason = (f"the layer with ours ({'+'.join(PRODUCTS[i] for i in best)}) took "
+                  f"{measured[best].median:.4g} ms per training call, torch's layer {torch_layer.median:.4g} ms")
+    else:
+        fastest = min((s for s in subsets if s), key=lambda s: measured[s].median)
+        reason = (f"in the layer, ours ({'+'.join(PRODUCTS[i] for i in fastest)}) took "
+                  f"{measured[fastest].median:.4g} ms per training call, not clearly faster than torch's "
+                  f"layer ({torch_layer.median:.4g} ms)")
+    lost = [i for i in ours if i not in best]
+    for i in ours:
+        cache.store(_given_back(entries[i], device, reason) if i in lost
+                    else dataclasses.replace(entries[i], layer_check=f"kept: {reason}"))
+    return LayerVerdict(call=call, times=times, kept=tuple(PRODUCTS[i] for i in best),
+                        given_back=tuple(PRODUCTS[i] for i in lost), reason=reason)
+
+
+def _label(subset: tuple[int, ...]) -> str:
+    return "ours " + "+".join(PRODUCTS[i] for i in subset) if subset else "torch"
+
+
+def _choice(problem, device: str, algorithm: str, knobs: dict) -> Choice:
+    spec = next(s for s in registry.kernels_for(problem, device) if s.algorithm == algorithm)
+    return Choice(spec=spec, knobs=spec.full_knobs(problem, knobs), source="cache")
+
+
+def _given_back(entry: Entry, device: str, reason: str) -> Entry:
+    """The product's entry with torch's op chosen (our best stays on record as best_own)."""
+    vendor = next(s for s in registry.kernels_for(entry.problem, device) if s.algorithm == VENDOR)
+    ms = entry.vendor_ms
+    return dataclasses.replace(entry, algorithm=VENDOR, knobs=vendor.full_knobs(entry.problem, {}),
+                               median_ms=ms, p20_ms=ms, p80_ms=ms, reason=f"lost in the layer: {reason}",
+                               layer_check=f"lost: {reason}")
+
+
+def _trainer(call: LayerCall, device: str):
+    """plan choices -> a zero-argument forward + backward of the layer on random tensors of its
+    shapes; gradients are reset as an optimizer's zero_grad(set_to_none=True) would."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(shape, grad):
+        return torch.randn(shape, generator=gen, dtype=call.dtype).to(device).requires_grad_(grad)
+
+    x = rand(call.x_shape, call.x_requires_grad)
+    w = rand(call.weight_shape, True)
+    b = rand(call.weight_shape[:1], True) if call.has_bias else None
+    with torch.no_grad():
+        out_shape = run_layer(call, (None, None, None), x, w, b).shape
+    dy = rand(out_shape, False)
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def plan(choices):
+        def train_call():
+            for t in leaves:
+                t.grad = None
+            run_layer(call, choices, x, w, b).backward(dy)
+            sync()
+
+        return train_call
+
+    return plan
+
+
+def interleaved(plans: Sequence[Callable[[], None]], *, device: str = "cpu") -> list[Measurement]:
+    """Each plan once per round, the order rotating every round, so a busy spell on a shared
+    machine hits all plans alike; rounds until every plan had ~ROUND_BUDGET_MS."""
+    for _ in range(WARMUP_ROUNDS):
+        for run in plans:
+            run()
+    times: list[list[float]] = [[] for _ in plans]
+    rounds = 0
+    while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or min(sum(t) for t in times) < ROUND_BUDGET_MS):
+        shift = rounds % len(plans)
+        for k in [*range(shift, len(plans)), *range(shift)]:
+            t0 = time.perf_counter()
+            plans[k]()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return [measure.summarize(t) for t in times]
+
+
+__all__ = ["LayerVerdict", "check_layers", "interleaved"]

@@ -1,0 +1,105 @@
+"""autotune.layer_check: a layer's choices confirmed by timing the layer as training calls it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autotune import device as devices
+from autotune import layer_check, registry
+from autotune.cache import Cache
+from autotune.entry import Entry, OwnKernel
+from autotune.measure import Measurement, pinned_threads
+from autotune.nn import layer_calls
+
+
+def _own_entry(problem, algorithm: str, knobs: dict, *, ms: float, vendor_ms: float) -> Entry:
+    """A cached entry that chose our `algorithm`, as a product-by-product search would store it."""
+    specs = registry.kernels_for(problem, "cpu")
+    spec = next(s for s in specs if s.algorithm == algorithm)
+    full = spec.full_knobs(problem, knobs)
+    return Entry(problem=problem, device=devices.fingerprint("cpu"), versions=devices.versions(),
+                 algorithm=algorithm, knobs=full, kernel_hashes={s.algorithm: s.source_hash for s in specs},
+                 median_ms=ms, p20_ms=ms, p80_ms=ms, vendor_ms=vendor_ms,
+                 best_own=OwnKernel(algorithm=algorithm, knobs=full, median_ms=ms), trials={"ok": 3},
+                 threads=torch.get_num_threads(), trustworthy=True, reason="planted by the test")
+
+
+def test_a_kernel_that_loses_in_the_layer_is_given_back_to_torch(tmp_path):
+    """A cached FFT forward that claims a 10x win is timed in the real layer (forward + backward
+    against torch's own layer) and, as it does not win there, re-cached as torch's op."""
+    calls = layer_calls(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1)), torch.randn(4, 16, 16, 16))
+    forward = calls[0].problems[0]
+    cache = Cache(tmp_path)
+    # One thread, as `--threads 1` searches: torch's 2-thread pool stalls on a busy 2-core machine.
+    with pinned_threads(1):
+        cache.store(_own_entry(forward, "fft", {"fft_size": "pow2", "contraction": "einsum"}, ms=0.001,
+                               vendor_ms=0.01))
+        (verdict,) = layer_check.check_layers(calls, cache=cache, device="cpu")
+        entry = cache.find(forward, "cpu", registry.kernels_for(forward, "cpu"))
+        again = layer_check.check_layers(calls, cache=cache, device="cpu")
+
+    assert verdict.given_back == ("fwd",) and verdict.kept == ()
+    assert set(verdict.times) == {"torch", "ours fwd"}
+    assert all(m.n >= layer_check.MIN_ROUNDS for m in verdict.times.values())
+    assert entry.algorithm == "vendor" and entry.median_ms == 0.01
+    assert entry.best_own.algorithm == "fft" and entry.layer_check.startswith("lost: ")
+    assert entry.reason.startswith("lost in the layer")
+    assert again == []  # nothing of ours is left in the layer: a second check times nothing
+
+
+def _fake_times(medians: dict[tuple, float]):
+    """A TimePlans that answers from `medians`, keyed by the subset of our products each plan keeps
+    (plans come largest subset first, as check_layers builds them)."""
+    def time_plans(plans):
+        order = [(0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,), ()]
+        assert len(plans) == len(order)
+        return [Measurement(median=medians[s], p20=medians[s] * 0.99, p80=medians[s] * 1.01, n=50) for s in order]
+    return time_plans
+
+
+def test_the_fastest_plan_keeps_ours_where_it_wins_and_gives_back_the_rest(tmp_path):
+    """Timings (faked) where forward + grad weight of ours beat torch's layer but our grad input
+    slows the layer: forward and grad weight are kept, grad input goes back to torch."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(3, 4, 3))
+    calls = layer_calls(model, torch.randn(2, 2, 9, 9))
+    second = calls[1]  # its input needs a gradient: all three products
+    forward, grad_input, grad_weight = second.problems
+    cache = Cache(tmp_path)
+    cache.store(_own_entry(forward, "im2col_gemm", {}, ms=0.01, vendor_ms=0.02))
+    cache.store(_own_entry(grad_input, "direct_transpose", {}, ms=0.01, vendor_ms=0.02))
+    cache.store(_own_entry(grad_weight, "im2col_gemm", {}, ms=0.01, vendor_ms=0.02))
+    medians = {(0, 1, 2): 1.3, (0, 1): 1.6, (0, 2): 1.0, (1, 2): 1.7, (0,): 1.4, (1,): 2.1, (2,): 1.5, (): 2.0}
+
+    verdicts = layer_check.check_layers([second], cache=cache, device="cpu", time_plans=_fake_times(medians))
+
+    assert [(v.kept, v.given_back) for v in verdicts] == [(("fwd", "dw"), ("dx",))]
+    found = {p.op: cache.find(p, "cpu", registry.kernels_for(p, "cpu")) for p in second.problems}
+    assert found["conv2d"].algorithm == "im2col_gemm" and found["conv2d"].layer_check.startswith("kept: ")
+    assert found["conv2d_bwd_weight"].algorithm == "im2col_gemm"
+    assert found["conv2d_bwd_data"].algorithm == "vendor" and found["conv2d_bwd_data"].best_own
+
+    def must_not_time(plans):
+        raise AssertionError("a layer checked before is not timed again")
+
+    assert layer_check.check_layers([second], cache=cache, device="cpu", time_plans=must_not_time) == []
+
+
+@pytest.mark.parametrize("medians", [
+    {(0, 1, 2): 1.95, (0, 1): 1.99, (0, 2): 2.0, (1, 2): 2.05, (0,): 2.1, (1,): 2.0, (2,): 1.98, (): 2.0},
+])
+def test_a_tie_with_torchs_layer_is_torchs(tmp_path, medians):
+    """Within the measured noise (±1% here, 2.5% apart at best) nothing of ours is kept."""
+    calls = layer_calls(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(3, 4, 3)), torch.randn(2, 2, 9, 9))
+    second = calls[1]
+    cache = Cache(tmp_path)
+    for problem, algorithm in zip(second.problems, ("im2col_gemm", "direct_transpose", "im2col_gemm"), strict=True):
+        cache.store(_own_entry(problem, algorithm, {}, ms=0.01, vendor_ms=0.02))
+    noisy = {s: Measurement(median=m, p20=m * 0.96, p80=m * 1.04, n=50) for s, m in medians.items()}
+
+    def time_plans(plans):
+        return [noisy[s] for s in [(0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,), ()]]
+
+    (verdict,) = layer_check.check_layers([second], cache=cache, device="cpu", time_plans=time_plans)
+    assert verdict.kept == () and verdict.given_back == ("fwd", "dx", "dw")
