@@ -25,6 +25,10 @@ garbage that is cropped away; that waste (H'W'/PQ, ~1.3x for LeNet) buys GEMMs w
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from numpy.lib.stride_tricks import as_strided
@@ -38,6 +42,67 @@ from autotune.registry import KernelSpec
 def _np(tensor: torch.Tensor) -> np.ndarray:
     """Zero-copy NumPy view of a contiguous CPU tensor (detach: .numpy() refuses grad tensors)."""
     return tensor.detach().numpy()
+
+
+# Buffers one geometry needs (a zero-padded input copy, its strided window view, patch matrices)
+# are kept between calls, per thread: at LeNet's sizes allocating, zeroing and building strided
+# views cost as much as the arithmetic (a batch-1 forward went from ~27 to ~12 µs). Geometries
+# whose buffers exceed WORKSPACE_BYTES allocate per call, as before; at most WORKSPACES are kept.
+WORKSPACE_BYTES = 8 << 20
+WORKSPACES = 64
+_local = threading.local()
+
+
+def _workspace(key: tuple, build: Callable[[], tuple[object, int]]):
+    """What build() returns for `key` ((value, bytes owned)), built once per thread when small."""
+    kept = getattr(_local, "kept", None)
+    if kept is None:
+        kept = _local.kept = OrderedDict()
+    value = kept.get(key)
+    if value is None:
+        value, size = build()
+        if size <= WORKSPACE_BYTES:
+            kept[key] = value
+            if len(kept) > WORKSPACES:
+                kept.popitem(last=False)
+    return value
+
+
+def _scratch(tag: str, shape: tuple, dtype, *, zero_key: tuple | None = None) -> np.ndarray:
+    """A buffer of `shape` kept between calls. Uninitialised, unless `zero_key` is given: then it
+    starts zeroed and callers with the same zero_key write the same region every call, so the
+    rest stays zero (e.g. dy widened with zero garbage columns)."""
+    if zero_key is None:
+        return _workspace((tag, shape, np.dtype(dtype).str), lambda: (np.empty(shape, dtype), _nbytes(shape, dtype)))
+    return _workspace((tag, shape, np.dtype(dtype).str, zero_key),
+                      lambda: (np.zeros(shape, dtype), _nbytes(shape, dtype)))
+
+
+def _nbytes(shape: tuple, dtype) -> int:
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def _input_windows(x: np.ndarray, pad: int, r: int, s: int, p: int, q: int, stride: int, dil: int,
+                   layout: str) -> tuple[np.ndarray, int]:
+    """(N, C, R, S, P, width) window view of x zero-padded, and its width (W' for the wide layout,
+    whose rows are runs of P·W' pixels; Q for the exact one). The padded copy is a kept buffer:
+    only its interior is written, so the padding stays zero."""
+    n, c, h, w = x.shape
+    hp, wp = h + 2 * pad, w + 2 * pad
+
+    def build():
+        if layout == "wide":
+            flat = np.zeros(n * c * hp * wp + (s - 1) * dil, x.dtype)
+            interior = flat[:n * c * hp * wp].reshape(n, c, hp, wp)[:, :, pad:pad + h, pad:pad + w]
+            view = _image_rows(flat, (n, c, hp, wp), r, s, dil).reshape(n, c, r, s, p, wp)
+            return (interior, view, wp), flat.nbytes
+        xp = np.zeros((n, c, hp, wp), x.dtype)
+        return (xp[:, :, pad:pad + h, pad:pad + w], _windows(xp, r, s, p, q, stride, dil), q), xp.nbytes
+
+    interior, view, width = _workspace(("windows", layout, x.shape, x.dtype.str, pad, r, s, p, q, stride, dil),
+                                       build)
+    interior[...] = x
+    return view, width
 
 
 def _padded(x: np.ndarray, pad: int) -> np.ndarray:
@@ -117,17 +182,9 @@ def _checker(choices: dict[str, tuple], positive: tuple[str, ...] = ()):
 # Forward: im2col + GEMM
 
 
-def _flat_padded(x: np.ndarray, pad: int, tail: int) -> np.ndarray:
-    """x zero-padded and flattened to (N·C·H'·W' + tail,) for the per-image wide layout."""
-    n, c, h, w = x.shape
-    hp, wp = h + 2 * pad, w + 2 * pad
-    flat = np.zeros(n * c * hp * wp + tail, x.dtype)
-    flat[:n * c * hp * wp].reshape(n, c, hp, wp)[:, :, pad:pad + h, pad:pad + w] = x
-    return flat
-
-
 def _image_rows(flat: np.ndarray, shape, r: int, s: int, dil: int, offset: int = 0) -> np.ndarray:
-    """(N, C, R, S, P·W') view of a `_flat_padded` buffer: row (n, c, r, s) is the stretch of image
+    """(N, C, R, S, P·W') view of a flat zero-padded (N·C·H'·W' + tail,) copy of the input (see
+    _input_windows): row (n, c, r, s) is the stretch of image
     n, channel c that tap (r, s) reads for the output rows 0..P-1, full padded width W' each (so
     one contiguous run; the columns q >= Q of every row are garbage, cropped by the caller)."""
     n, c, hp, wp = shape
@@ -156,20 +213,15 @@ def _im2col_forward(x, w, out, *, pad, stride, dil, batch_chunk, gemm_order, lay
     n, c = x.shape[:2]
     k, _, r, s = w.shape
     p, q = out.shape[2:]
-    if layout == "wide":
-        hp, wp = x.shape[2] + 2 * pad, x.shape[3] + 2 * pad
-        rows = _image_rows(_flat_padded(x, pad, (s - 1) * dil), (n, c, hp, wp), r, s, dil)
-        view, width = rows.reshape(n, c, r, s, p, wp), wp  # a view: the pixel axis splits evenly
-    else:
-        view, width = _windows(_padded(x, pad), r, s, p, q, stride, dil), q
+    view, width = _input_windows(x, pad, r, s, p, q, stride, dil, layout)
     crs, pix = c * r * s, p * width
     wm = w.reshape(k, crs)
     b = min(batch_chunk, n)
     if gemm_order == "w_by_block":
         # Images side by side in the columns: one (K, C·R·S)·(C·R·S, images·pixels) GEMM per block,
         # a better BLAS shape than one thin GEMM per image, paid for by a transposing store.
-        cols = np.empty((c, r, s, b, p, width), x.dtype)
-        y = np.empty((k, b, p, width), x.dtype)
+        cols = _scratch("cols", (c, r, s, b, p, width), x.dtype)
+        y = _scratch("y", (k, b, p, width), x.dtype)
         for n0, n1 in _chunks(n, b):
             m = n1 - n0
             np.copyto(cols[:, :, :, :m], view[n0:n1].transpose(1, 2, 3, 0, 4, 5))
@@ -177,8 +229,8 @@ def _im2col_forward(x, w, out, *, pad, stride, dil, batch_chunk, gemm_order, lay
             _store(out[n0:n1], y[:, :m, :, :q].transpose(1, 0, 2, 3), bias)
     elif gemm_order == "w_by_cols":
         # cols[n] is (C·R·S, pixels): W·cols[n] is out[n] itself (exact layout: written in place).
-        cols = np.empty((b, c, r, s, p, width), x.dtype)
-        y = out if layout == "exact" else np.empty((b, k, p, width), x.dtype)
+        cols = _scratch("cols", (b, c, r, s, p, width), x.dtype)
+        y = out if layout == "exact" else _scratch("y", (b, k, p, width), x.dtype)
         for n0, n1 in _chunks(n, b):
             m = n1 - n0
             np.copyto(cols[:m], view[n0:n1])
@@ -190,8 +242,8 @@ def _im2col_forward(x, w, out, *, pad, stride, dil, batch_chunk, gemm_order, lay
                 dest += bias  # while the block is still in cache
     else:
         # Classic im2col rows (pixels x taps): colsᵀ·Wᵀ gives (pixels, K), transposed on the way out.
-        cols = np.empty((b, p, q, c, r, s), x.dtype)
-        prod = np.empty((b * p * q, k), x.dtype)
+        cols = _scratch("cols", (b, p, q, c, r, s), x.dtype)
+        prod = _scratch("prod", (b * p * q, k), x.dtype)
         for n0, n1 in _chunks(n, b):
             m = (n1 - n0) * p * q
             block = cols[:n1 - n0]
@@ -425,7 +477,8 @@ def _transposed_input(problem, dy: np.ndarray) -> np.ndarray:
     lead_h = (p.r - 1) * p.dilation - p.padding
     lead_w = (p.s - 1) * p.dilation - p.padding
     hz, wz = p.h + (p.r - 1) * p.dilation, p.w + (p.s - 1) * p.dilation
-    z = np.zeros((p.n, p.k, hz, wz), dy.dtype)
+    # Kept between calls: the same pixels are written every time, the zeros between stay zero.
+    z = _scratch("dy_upsampled", (p.n, p.k, hz, wz), dy.dtype, zero_key=(p.p, p.q, p.r, p.s, p.stride, p.padding, p.dilation))
     # Rows of dy that land outside z only feed dx pixels outside the image: drop them.
     ph = [i for i in range(p.p) if 0 <= lead_h + i * p.stride < hz]
     pw = [j for j in range(p.q) if 0 <= lead_w + j * p.stride < wz]
@@ -490,23 +543,18 @@ def bwd_weight_im2col_gemm(problem, knobs, inputs, out):
     x, dy = (_np(t) for t in inputs)
     p = problem
     crs = p.c * p.r * p.s
-    if knobs["layout"] == "wide":
-        hp, wp = p.h + 2 * p.padding, p.w + 2 * p.padding
-        flat = _flat_padded(x, p.padding, (p.s - 1) * p.dilation)
-        view = _image_rows(flat, (p.n, p.c, hp, wp), p.r, p.s, p.dilation)
-        rows, width = p.p, wp
-    else:
-        view = _windows(_padded(x, p.padding), p.r, p.s, p.p, p.q, p.stride, p.dilation)
-        rows, width = p.p, p.q
+    view, width = _input_windows(x, p.padding, p.r, p.s, p.p, p.q, p.stride, p.dilation, knobs["layout"])
+    rows = p.p
     pix = rows * width
-    view = view.reshape(p.n, p.c, p.r, p.s, rows, width)  # a view: the pixel axis splits evenly
     b = min(knobs["batch_chunk"], p.n)
     dw = np.zeros((p.k, crs), x.dtype)
     folded = knobs["gemm_order"] == "batch_folded"
     # batch_folded puts the images side by side in the columns: one long-reduction GEMM per block.
-    cols = np.empty((p.c, p.r, p.s, b, rows, width) if folded else (b, p.c, p.r, p.s, rows, width), x.dtype)
-    dyb = np.zeros((p.k, b, rows, width) if folded else (b, p.k, rows, width), x.dtype)
-    prod = None if folded else np.empty((b, p.k, crs), x.dtype)
+    cols = _scratch("cols", (p.c, p.r, p.s, b, rows, width) if folded else (b, p.c, p.r, p.s, rows, width), x.dtype)
+    # dy widened to the patch width; its columns past Q stay zero (only [..., :Q] is ever written).
+    dyb = _scratch("dy_wide", (p.k, b, rows, width) if folded else (b, p.k, rows, width), x.dtype,
+                   zero_key=(p.q,))
+    prod = None if folded else _scratch("prod", (b, p.k, crs), x.dtype)
     for n0, n1 in _chunks(p.n, b):
         m = n1 - n0
         if folded:

@@ -204,3 +204,22 @@ def test_correctness_bias_epilogue_matches_conv_plus_bias(geometry):
             spec.run(problem, full, (x, w, b), out)
             ok, error = verify(problem, out, expected)
             assert ok, (spec.algorithm, full, error)
+
+
+def test_correctness_kept_workspaces_never_leak_between_calls():
+    """Buffers kept between calls (padded copies, patch matrices, widened dy) give the right answer
+    on the next call with other inputs, and when another geometry with buffers of the same shape
+    but a different zero region (a different filter size) ran in between."""
+    same_buffers = [  # the batch, P and W + 2·pad agree; the filter widths (and so Q) differ
+        (2, 3, 10, 10, 4, 3, 3, 1, 1, 1),
+        (2, 3, 10, 10, 4, 3, 5, 1, 1, 1),
+    ]
+    kept = [spec for spec in SPECS if spec.algorithm in ("im2col_gemm", "direct_transpose")]
+    for spec in kept:
+        problems = [_problem(spec.op, g) for g in same_buffers]
+        for knobs in _knob_variants(spec, problems[0]):
+            for seed in range(3):
+                for problem in problems:
+                    if spec.check(problem, spec.full_knobs(problem, knobs)) is None:
+                        ok, error = _run_and_verify(spec, problem, knobs, seed=seed)
+                        assert ok, (spec.op, spec.algorithm, knobs, problem.describe(), seed, error)
