@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 
@@ -33,23 +35,27 @@ from autotune.nn import LayerCall, run_layer
 PRODUCTS = ("fwd", "dx", "dw")  # forward, grad input, grad weight: positions in LayerCall.problems
 ROUND_BUDGET_MS = 300.0  # timing per plan (the rounds stop when every plan has had about this)
 MIN_ROUNDS, MAX_ROUNDS, WARMUP_ROUNDS = 20, 400, 3
+MIN_GAIN = 0.02  # a plan must save at least this share of torch's layer time...
+SIGN_TEST_Z = 2.58  # ... and win more rounds than chance would (one-sided, p < 0.005)
 
-# Times a list of plans (each a zero-argument training call) in interleaved rounds -> one
-# Measurement per plan. Replaceable in tests.
-TimePlans = Callable[[Sequence[Callable[[], None]]], list[Measurement]]
+# Times a list of plans (each a zero-argument training call) in interleaved rounds -> for each
+# plan its time (ms) in every round, rounds aligned across plans. Replaceable in tests.
+TimePlans = Callable[[Sequence[Callable[[], None]]], list[list[float]]]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LayerVerdict:
     call: LayerCall
     times: dict[str, Measurement]  # plan label ("torch", "ours fwd+dw", ...) -> layer step time
+    ratios: dict[str, float]  # plan label -> median per-round time over torch's layer
     kept: tuple[str, ...]  # our products the layer keeps ("fwd", "dx", "dw")
     given_back: tuple[str, ...]  # our products that lost in the layer, now cached as torch's op
     reason: str
 
     def as_dict(self) -> dict:
         return {"layer": describe(self.call), "kept": list(self.kept), "given_back": list(self.given_back),
-                "reason": self.reason, "times": {k: m.as_dict() for k, m in self.times.items()}}
+                "reason": self.reason, "times": {k: m.as_dict() for k, m in self.times.items()},
+                "ratio_to_torch": self.ratios}
 
 
 def describe(call: LayerCall) -> str:
@@ -60,7 +66,7 @@ def check_layers(calls: Sequence[LayerCall], *, cache: Cache, device: str,
                  time_plans: TimePlans | None = None) -> list[LayerVerdict]:
     """Check every layer whose cached choices run a kernel of ours; re-cache the products that
     lose in the layer as torch's op. Layers that run torch's op only are not timed."""
-    time_plans = time_plans or (lambda plans: interleaved(plans, device=device))
+    time_plans = time_plans or interleaved
     verdicts = []
     for call in calls:
         entries = _entries(call, cache, device)
@@ -82,25 +88,39 @@ def _check(call, entries, ours, cache, device, time_plans) -> LayerVerdict:
     subsets = [s for n in range(len(ours), -1, -1) for s in itertools.combinations(ours, n)]
     step = _trainer(call, device)
     plans = [step(tuple(own[i] if i in s else vendor.get(i) for i in range(3))) for s in subsets]
-    measured = dict(zip(subsets, time_plans(plans), strict=True))
-    torch_layer = measured[()]
-    winners = [s for s in subsets if s and measure.clearly_faster(measured[s], torch_layer)]
-    best = min(winners, key=lambda s: measured[s].median, default=())
-    times = {_label(s): m for s, m in measured.items()}
+    rounds = dict(zip(subsets, time_plans(plans), strict=True))
+    ratios = {sub: paired_ratio(rounds[sub], rounds[()]) for sub in subsets if sub}
+    winners = [sub for sub in subsets if sub and clearly_faster(rounds[sub], rounds[()])]
+    best = min(winners, key=lambda sub: ratios[sub], default=())
+    times = {_label(sub): measure.summarize(t) for sub, t in rounds.items()}
+    torch_ms = times["torch"].median
     if best:
-        reason = (f"the layer with ours ({'+'.join(PRODUCTS[i] for i in best)}) took "
-                  f"{measured[best].median:.4g} ms per training call, torch's layer {torch_layer.median:.4g} ms")
+        reason = (f"the layer with ours ({'+'.join(PRODUCTS[i] for i in best)}) took {ratios[best]:.2f}x "
+                  f"the time of torch's layer per training call ({torch_ms:.4g} ms), {len(rounds[()])} paired rounds")
     else:
-        fastest = min((s for s in subsets if s), key=lambda s: measured[s].median)
-        reason = (f"in the layer, ours ({'+'.join(PRODUCTS[i] for i in fastest)}) took "
-                  f"{measured[fastest].median:.4g} ms per training call, not clearly faster than torch's "
-                  f"layer ({torch_layer.median:.4g} ms)")
+        fastest = min(ratios, key=ratios.get)
+        reason = (f"in the layer, ours ({'+'.join(PRODUCTS[i] for i in fastest)}) took {ratios[fastest]:.2f}x the "
+                  f"time of torch's layer per training call ({torch_ms:.4g} ms), not clearly faster "
+                  f"over {len(rounds[()])} paired rounds")
     lost = [i for i in ours if i not in best]
     for i in ours:
         cache.store(_given_back(entries[i], device, reason) if i in lost
                     else dataclasses.replace(entries[i], layer_check=f"kept: {reason}"))
-    return LayerVerdict(call=call, times=times, kept=tuple(PRODUCTS[i] for i in best),
+    return LayerVerdict(call=call, times=times, ratios={_label(sub): r for sub, r in ratios.items()},
+                        kept=tuple(PRODUCTS[i] for i in best),
                         given_back=tuple(PRODUCTS[i] for i in lost), reason=reason)
+
+
+def paired_ratio(ours: Sequence[float], torch_layer: Sequence[float]) -> float:
+    """Median over rounds of our time / torch's time in the same round."""
+    return statistics.median(a / b for a, b in zip(ours, torch_layer, strict=True))
+
+
+def clearly_faster(ours: Sequence[float], torch_layer: Sequence[float]) -> bool:
+    """Ours saves at least MIN_GAIN (median paired ratio) and wins more rounds than a coin would."""
+    n = len(ours)
+    wins = sum(a < b for a, b in zip(ours, torch_layer, strict=True))
+    return paired_ratio(ours, torch_layer) < 1 - MIN_GAIN and wins > n / 2 + SIGN_TEST_Z * math.sqrt(n) / 2
 
 
 def _label(subset: tuple[int, ...]) -> str:
@@ -150,9 +170,10 @@ def _trainer(call: LayerCall, device: str):
     return plan
 
 
-def interleaved(plans: Sequence[Callable[[], None]], *, device: str = "cpu") -> list[Measurement]:
+def interleaved(plans: Sequence[Callable[[], None]]) -> list[list[float]]:
     """Each plan once per round, the order rotating every round, so a busy spell on a shared
-    machine hits all plans alike; rounds until every plan had ~ROUND_BUDGET_MS."""
+    machine hits all plans alike; rounds until every plan had ~ROUND_BUDGET_MS. Returns each
+    plan's time (ms) per round."""
     for _ in range(WARMUP_ROUNDS):
         for run in plans:
             run()
@@ -165,7 +186,7 @@ def interleaved(plans: Sequence[Callable[[], None]], *, device: str = "cpu") -> 
             plans[k]()
             times[k].append((time.perf_counter() - t0) * 1e3)
         rounds += 1
-    return [measure.summarize(t) for t in times]
+    return times
 
 
 __all__ = ["LayerVerdict", "check_layers", "interleaved"]
