@@ -111,12 +111,12 @@ class _Plan:
     grad_input_choice: dispatch.Choice | None
     grad_weight_choice: dispatch.Choice | None
 
-    @property
+    @functools.cached_property
     def torch_only(self) -> bool:
         return all(c is None or c.spec.algorithm == VENDOR
                    for c in (self.forward_choice, self.grad_input_choice, self.grad_weight_choice))
 
-    @property
+    @functools.cached_property
     def torch_gradients(self) -> bool:
         return all(c is None or c.spec.algorithm == VENDOR for c in (self.grad_input_choice, self.grad_weight_choice))
 
@@ -195,7 +195,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, stri
     grad = torch.is_grad_enabled()
     need_dx, need_dw = grad and x.requires_grad, grad and w.requires_grad
     key = (x.shape, w.shape, _pair_key(stride), _pair_key(padding), _pair_key(dilation), x.dtype,
-           x.device.type, need_dx, need_dw)
+           x.is_cuda, need_dx, need_dw)
     plan = _plans.get(key)
     if plan is None or plan.generation != dispatch.generation():
         problem = conv_problem(x, w, stride, padding, dilation)
@@ -204,6 +204,8 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, stri
     if plan.torch_only:
         # The choice was made (and cached): torch's op with torch's own autograd, no Function.
         p = plan.forward
+        if not _profiling():
+            return F.conv2d(x, w, b, p.stride, p.padding, p.dilation)
         with _label("autotune::conv2d:vendor"):
             return F.conv2d(x, w, b, p.stride, p.padding, p.dilation)
     return _Conv2dFunction.apply(x, w, b, plan)
@@ -236,7 +238,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     grad = torch.is_grad_enabled()
     need_dx, need_dw = grad and x.requires_grad, grad and w.requires_grad
-    key = (x2d.shape, w.shape, x.dtype, x.device.type, need_dx, need_dw)
+    key = (x2d.shape, w.shape, x.dtype, x.is_cuda, need_dx, need_dw)
     plan = _plans.get(key)
     if plan is None or plan.generation != dispatch.generation():
         batch, fan_in = x2d.shape
@@ -246,6 +248,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
                     _gemm_problem(fan_out, fan_in, batch, True, False, x.dtype))  # dW = dYᵀ·X
         plan = _plan(key, problems, x2d, w, need_dx, need_dw)
     if plan.torch_only:
+        if not _profiling():
+            return F.linear(x, w, b)
         with _label("autotune::gemm:vendor"):
             return F.linear(x, w, b)
     y = _LinearFunction.apply(x2d, w, b, plan)
