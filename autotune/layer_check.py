@@ -59,7 +59,8 @@ class LayerVerdict:
 
 
 def describe(call: LayerCall) -> str:
-    return f"{call.kind} {call.problems[0].describe()}"
+    """The layer by its forward problem, e.g. `conv2d 1x1x28x28 * 6x1x5x5 stride 1 pad 2 ...`."""
+    return call.problems[0].describe()
 
 
 def check_layers(calls: Sequence[LayerCall], *, cache: Cache, device: str,
