@@ -107,6 +107,18 @@ def uncached() -> list[tuple[Problem, str]]:
     return list(_state.uncached)
 
 
+def cache() -> Cache:
+    """The cache the current policy reads and writes."""
+    return Cache(_state.cache_dir)
+
+
+def forget(problems: Sequence[Problem], device: str) -> None:
+    """Drop these problems' memo entries, so the next select() reads the cache again (the layer
+    check re-caches a layer's products)."""
+    for problem in problems:
+        _state.memo.pop((problem, device), None)
+
+
 def reset() -> None:
     """Forget the memo and statistics (the cache on disk stays)."""
     _state.memo.clear()

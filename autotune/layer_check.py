@@ -89,7 +89,8 @@ def _check(call, entries, ours, cache, device, time_plans) -> LayerVerdict:
     subsets = [s for n in range(len(ours), -1, -1) for s in itertools.combinations(ours, n)]
     step = _trainer(call, device)
     plans = [step(tuple(own[i] if i in s else vendor.get(i) for i in range(3))) for s in subsets]
-    rounds = dict(zip(subsets, time_plans(plans), strict=True))
+    with torch.enable_grad():  # also when a layer is first called under no_grad (evaluation)
+        rounds = dict(zip(subsets, time_plans(plans), strict=True))
     ratios = {sub: paired_ratio(rounds[sub], rounds[()]) for sub in subsets if sub}
     winners = [sub for sub in subsets if sub and clearly_faster(rounds[sub], rounds[()])]
     best = min(winners, key=lambda sub: ratios[sub], default=())

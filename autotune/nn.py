@@ -105,8 +105,8 @@ class _Plan:
 
     generation: int
     forward: Problem
-    grad_input: Problem
-    grad_weight: Problem
+    grad_input: Problem | None
+    grad_weight: Problem | None
     forward_choice: dispatch.Choice
     grad_input_choice: dispatch.Choice | None
     grad_weight_choice: dispatch.Choice | None
@@ -125,17 +125,22 @@ VENDOR = "vendor"
 _plans: dict[tuple, _Plan] = {}
 
 
-def _plan(key: tuple, problems: tuple[Problem, Problem, Problem], x: torch.Tensor, w: torch.Tensor,
-          need_dx: bool, need_dw: bool) -> _Plan:
+def _plan(key: tuple, call: LayerCall, x: torch.Tensor, w: torch.Tensor, need_dx: bool, need_dw: bool) -> _Plan:
     plan = _plans.get(key)
     if plan is not None and plan.generation == dispatch.generation():
         return plan
     device = "cuda" if x.is_cuda else "cpu"
-    forward, grad_input, grad_weight = problems
-    # Gradients are chosen on random tensors of their shape when benchmarked (not computed yet).
-    choices = (dispatch.select(forward, device, (x, w)),
-               dispatch.select(grad_input, device) if need_dx else None,
-               dispatch.select(grad_weight, device) if need_dw else None)
+    choices = _choices(call, x, w, need_dx, need_dw, device)
+    if torch.is_grad_enabled() and any(c is not None and c.source in MEASURED_NOW and c.spec.algorithm != VENDOR
+                                       for c in choices):
+        # The benchmark/tune policy just chose a kernel of ours product by product: confirm it on
+        # the layer as training calls it before the layer runs it (autotune.layer_check).
+        from autotune import layer_check
+
+        layer_check.check_layers([call], cache=dispatch.cache(), device=device)
+        dispatch.forget([p for p in call.problems if p is not None], device)
+        choices = _choices(call, x, w, need_dx, need_dw, device)
+    forward, grad_input, grad_weight = call.problems
     plan = _Plan(generation=dispatch.generation(), forward=forward, grad_input=grad_input,
                  grad_weight=grad_weight, forward_choice=choices[0], grad_input_choice=choices[1],
                  grad_weight_choice=choices[2])
@@ -144,6 +149,17 @@ def _plan(key: tuple, problems: tuple[Problem, Problem, Problem], x: torch.Tenso
     if dispatch.get_policy() == "cached" or all(c is None or c.source != "default" for c in choices):
         _plans[key] = plan
     return plan
+
+
+MEASURED_NOW = ("benchmark", "tune")  # dispatch sources of a choice measured in this process
+
+
+def _choices(call: LayerCall, x, w, need_dx: bool, need_dw: bool, device: str) -> tuple:
+    forward, grad_input, grad_weight = call.problems
+    # Gradients are chosen on random tensors of their shape when benchmarked (not computed yet).
+    return (dispatch.select(forward, device, (x, w)),
+            dispatch.select(grad_input, device) if need_dx else None,
+            dispatch.select(grad_weight, device) if need_dw else None)
 
 
 def _label(name: str):
@@ -199,8 +215,12 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, stri
     plan = _plans.get(key)
     if plan is None or plan.generation != dispatch.generation():
         problem = conv_problem(x, w, stride, padding, dilation)
-        problems = (problem, _with_op(problem, "conv2d_bwd_data"), _with_op(problem, "conv2d_bwd_weight"))
-        plan = _plan(key, problems, x, w, need_dx, need_dw)
+        call = LayerCall(kind="conv2d", x_shape=tuple(x.shape), x_requires_grad=need_dx, dtype=x.dtype,
+                         weight_shape=tuple(w.shape), has_bias=b is not None,
+                         geometry=(problem.stride, problem.padding, problem.dilation),
+                         problems=(problem, _with_op(problem, "conv2d_bwd_data") if need_dx else None,
+                                   _with_op(problem, "conv2d_bwd_weight") if need_dw else None))
+        plan = _plan(key, call, x, w, need_dx, need_dw)
     if plan.torch_only:
         # The choice was made (and cached): torch's op with torch's own autograd, no Function.
         p = plan.forward
@@ -243,10 +263,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     if plan is None or plan.generation != dispatch.generation():
         batch, fan_in = x2d.shape
         fan_out = w.shape[0]
-        problems = (_gemm_problem(batch, fan_out, fan_in, False, True, x.dtype),  # y = x·Wᵀ
-                    _gemm_problem(batch, fan_in, fan_out, False, False, x.dtype),  # dX = dY·W
-                    _gemm_problem(fan_out, fan_in, batch, True, False, x.dtype))  # dW = dYᵀ·X
-        plan = _plan(key, problems, x2d, w, need_dx, need_dw)
+        call = LayerCall(kind="linear", x_shape=(batch, fan_in), x_requires_grad=need_dx, dtype=x.dtype,
+                         weight_shape=tuple(w.shape), has_bias=b is not None,
+                         problems=(_gemm_problem(batch, fan_out, fan_in, False, True, x.dtype),  # y = x·Wᵀ
+                                   _gemm_problem(batch, fan_in, fan_out, False, False, x.dtype)  # dX = dY·W
+                                   if need_dx else None,
+                                   _gemm_problem(fan_out, fan_in, batch, True, False, x.dtype)  # dW = dYᵀ·X
+                                   if need_dw else None))
+        plan = _plan(key, call, x2d, w, need_dx, need_dw)
     if plan.torch_only:
         if not _profiling():
             return F.linear(x, w, b)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import autotune
 from autotune import device as devices
 from autotune import layer_check, registry
 from autotune.cache import Cache
@@ -107,3 +108,28 @@ def test_a_tie_with_torchs_layer_is_torchs(tmp_path, ours):
 
     (verdict,) = layer_check.check_layers([second], cache=cache, device="cpu", time_plans=_fake_times(per_round))
     assert verdict.kept == () and verdict.given_back == ("fwd", "dx", "dw")
+
+
+def test_the_benchmark_policy_checks_a_layer_before_it_runs_ours(tmp_path, monkeypatch):
+    """With `--policy benchmark`, a layer whose products were just benchmarked with a kernel of
+    ours among the choices is checked as training calls it before its first step; what the layer
+    then runs is what the check left in the cache."""
+    checked = []
+    real = layer_check.check_layers
+    monkeypatch.setattr(layer_check, "check_layers", lambda calls, **kw: checked.append(calls) or real(calls, **kw))
+    model = autotune.patch(nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.Conv2d(6, 16, 5)))
+    x = torch.randn(1, 1, 28, 28)
+    with pinned_threads(1), autotune.policy("benchmark", cache_dir=tmp_path, quiet=True):
+        model(x).sum().backward()
+        chosen = dict(autotune.dispatch.chosen())
+        entries = list(Cache(tmp_path).entries().values())
+    for entry in entries:  # each product runs what its entry says, ours only once confirmed
+        assert chosen[entry.problem].spec.algorithm == entry.algorithm
+        if entry.algorithm != "vendor":
+            assert entry.layer_check.startswith("kept: ")
+        if entry.layer_check.startswith("lost: "):
+            assert entry.algorithm == "vendor" and entry.best_own is not None
+    # One check per layer whose benchmark picked a kernel of ours (at batch 1 that is usually
+    # both; where the noise guard gave every product to torch, none).
+    layers_checked = {e.problem.with_op("conv2d") for e in entries if e.layer_check}
+    assert [c[0].problems[0] for c in checked] == sorted(layers_checked, key=lambda p: p.c)
