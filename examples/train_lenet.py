@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--test-batch-size", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=1.0, help="Adadelta learning rate (default 1.0)")
-    p.add_argument("--gamma", type=float, default=0.7, help="StepLR decay per epoch (default 0.7)")
+    p.add_argument("--lr", type=float, default=1.0, help="Adadelta learning rate")
+    p.add_argument("--gamma", type=float, default=0.7, help="StepLR decay per epoch")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dataset", choices=("auto", "mnist", "fashion-mnist"), default="auto")
     p.add_argument("--data-dir", default="data")
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-dir", default="runs/profile", help="where --profile writes")
     p.add_argument("--compare", action="store_true", help="time tuned against untuned steps")
     p.add_argument("--compare-steps", type=_positive, default=32, metavar="N",
-                   help="timed steps per mode for --compare (default 32)")
+                   help="timed steps per mode for --compare")
     p.add_argument("--compare-batch-sizes", type=_sizes, metavar="1,16,64",
                    help="profile tuned and untuned steps at these batch sizes")
     p.add_argument("--save-model", nargs="?", const="lenet5.pt", metavar="PATH",
