@@ -13,7 +13,7 @@ from autotune.cli import main  # noqa: E402
 from autotune.compile_check import compile_check, summarize  # noqa: E402
 from autotune.device import compiling_for  # noqa: E402
 from autotune.measure import Status, classify_exception  # noqa: E402
-from autotune.problem import Conv2dProblem, GemmProblem  # noqa: E402
+from autotune.problem import Conv2dProblem, GemmProblem, problem_to_dict  # noqa: E402
 
 GEMM = registry.get("gemm", "tiled", "cuda")
 
@@ -155,3 +155,21 @@ def test_conv_num_stages_only_where_it_changes_the_kernel():
     wgrad = registry.get("conv2d_bwd_weight", "implicit_gemm", "cuda")
     wknobs = {k: v for k, v in knobs.items() if k != "loop_order"} | {"split_k": 1}
     assert wgrad.check(problem.with_op("conv2d_bwd_weight"), wknobs) is None
+
+
+def test_rescore_a_saved_json_against_the_current_model(tmp_path, capsys):
+    """--rescore compiles nothing: a saved row's compiler figure against today's estimate."""
+    problem = GemmProblem(m=64, n=400, k=120, dtype="float16")
+    knobs = GEMM.full_knobs(problem, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64})
+    row = {"arch": 90, "op": "gemm", "algorithm": "tiled", "problem": problem.describe(), "dtype": "float16",
+           "knobs": knobs, "source": "default", "status": "compiled", "shared": 57344,
+           "shared_estimate": 1, "problem_spec": problem_to_dict(problem), "smem_ratio": 57344.0}
+    saved = tmp_path / "cc.json"
+    saved.write_text(json.dumps({"rows": [row]}))
+    assert main(["compile-check", "--rescore", str(saved), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["smem_ratio_min"] == data["smem_ratio_max"] == 1.0 and data["compiled"] == 1
+    saved.write_text("{}")
+    assert main(["compile-check", "--rescore", str(saved)]) == 2
+    err = capsys.readouterr().err
+    assert "not a saved compile-check --json" in err and len(err.strip().splitlines()) == 1
