@@ -57,6 +57,11 @@ from kernels.triton_tiles import (
 LOOP_ORDERS = ("flat", "taps_outer", "channels_outer")
 DEFAULT_STAGES = 2
 DIRECT_MAX_ACC_REGISTERS = 128
+# The implicit GEMM's operand tiles are gathers: each element comes with its own computed address
+# and mask. Measured (autotune compile-check, sm_80/sm_90): up to 96 gathered elements per thread
+# spill at most ~5 KB; from 136 up, 4-20 KB per thread and 8-40 s compiles (one at 288 did not
+# compile in 120 s).
+MAX_GATHERED_PER_THREAD = 128
 
 # ---------------------------------------------------------------------------------------------
 # Device kernels
@@ -436,6 +441,11 @@ def check_implicit_gemm(problem: Conv2dProblem, knobs) -> str | None:
         # Measured: the cubins of num_stages 1-4 are byte-identical here (see implicit_gemm_shared).
         return (f"num_stages={knobs['num_stages']} compiles to the same kernel as num_stages={DEFAULT_STAGES} "
                 f"for {problem.dtype} {problem.op} (its gathered loads are not pipelined): a duplicate")
+    gathered = knobs["BLOCK_K"] * (knobs["BLOCK_M"] + knobs["BLOCK_N"]) // (32 * knobs["num_warps"])
+    if gathered > MAX_GATHERED_PER_THREAD:
+        return (f"the gathered operand tiles put {gathered} elements (and their addresses) on each thread, "
+                f"more than {MAX_GATHERED_PER_THREAD}: ptxas spills kilobytes per thread and compiles for "
+                "tens of seconds")
     return check_dot_tile(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["BLOCK_K"], knobs["num_warps"],
                           knobs["num_stages"], implicit_gemm_shared(problem, knobs))
 

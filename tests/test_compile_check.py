@@ -173,3 +173,16 @@ def test_rescore_a_saved_json_against_the_current_model(tmp_path, capsys):
     assert main(["compile-check", "--rescore", str(saved)]) == 2
     err = capsys.readouterr().err
     assert "not a saved compile-check --json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_implicit_gemm_rejects_gathers_that_spill_heavily():
+    """The compile check's worst conv config (16x128 tile, BLOCK_K=128 on 2 warps: 288 gathered
+    elements a thread) did not compile in 120 s; 96 a thread compile with little spilling."""
+    spec = registry.get("conv2d_bwd_weight", "implicit_gemm", "cuda")
+    problem = Conv2dProblem(n=64, c=6, h=14, w=14, k=16, r=5, s=5, op="conv2d_bwd_weight")
+    knobs = spec.full_knobs(problem, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 2,
+                                      "num_stages": 4, "input_precision": "tf32"})
+    with compiling_for(90):
+        reason = spec.check(problem, knobs)
+        assert reason is not None and "288 elements" in reason and "spills" in reason
+        assert spec.check(problem, {**knobs, "BLOCK_N": 32}) is None  # 96 a thread
