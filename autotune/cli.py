@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model/lenet searches: skip timing each layer as training calls it "
                         "(forward + backward), which gives back to torch the kernels of ours that win "
                         "alone but lose in the layer")
+    search.add_argument("--compile-budget", type=float, default=None, metavar="SECONDS",
+                        help="stop proposing Triton configs once their first calls (the JIT compile, "
+                        "most of a GPU search's time) have taken this many seconds in all")
     search.add_argument("--in-process", action="store_true",
                         help="evaluate candidates in this process instead of an isolated worker: "
                         "less overhead, but a kernel that crashes or hangs ends the search")
@@ -242,6 +245,8 @@ def _check_search_args(args) -> None:
         raise AutotuneError("--calls must be a positive integer and needs --stop auto")
     if args.timeout is not None and args.timeout <= 0:
         raise AutotuneError(f"--timeout must be positive seconds, got {args.timeout}")
+    if args.compile_budget is not None and not args.compile_budget > 0:
+        raise AutotuneError(f"--compile-budget must be positive seconds, got {args.compile_budget}")
 
 
 def _specs_for(problem: Problem, device: str, algorithms: str | None):
@@ -328,7 +333,7 @@ def _search(args, cache: Cache, problem: Problem, specs, progress):
                    sampler=args.sampler, storage=storage, seed=args.seed, specs=specs, progress=progress,
                    force=args.force, threads=args.threads, study_name=name,
                    stop_calls=(args.calls or DEFAULT_CALLS) if args.stop == "auto" else None,
-                   in_process=args.in_process)
+                   in_process=args.in_process, compile_budget=args.compile_budget)
     args.study = (storage, name)  # printed with the result: open it with Optuna's own tools
     if not entry.trustworthy:
         warnings.warn(f"{problem.describe()}: timing not trustworthy: {entry.reason}; nothing was cached",

@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from autotune import registry
@@ -91,6 +91,9 @@ class Row:
     shared_estimate: int | None = None  # check()'s, bytes
     binary: str | None = None  # sha256 prefix of the cubin: equal binaries mean a knob did nothing
     message: str = ""
+    # The problem as data (autotune.problem.problem_from_dict), so a saved --json can be re-scored
+    # against a changed estimate without compiling again (rescore()).
+    problem_spec: dict | None = None
 
     def smem_ratio(self) -> float | None:
         if self.shared is None or not self.shared_estimate:
@@ -288,7 +291,23 @@ class _Worker:
 def _row(job: Job, **fields) -> Row:
     problem = problem_from_dict(job.problem)
     return Row(arch=job.arch, op=job.op, algorithm=job.algorithm, problem=problem.describe(),
-               dtype=problem.dtype, knobs=job.knobs, source=job.source, **fields)
+               dtype=problem.dtype, knobs=job.knobs, source=job.source, problem_spec=job.problem, **fields)
+
+
+def rescore(rows: Iterable[Row]) -> list[Row]:
+    """The rows with shared_estimate recomputed by the kernels' current resources(): iterate on
+    the shared-memory model (kernels/triton_smem.py) against a saved `--json` instead of
+    recompiling. Rows saved without problem_spec keep their estimate."""
+    out = []
+    for row in rows:
+        spec = registry.get(row.op, row.algorithm, "cuda")
+        if row.problem_spec is None or spec.resources is None:
+            out.append(row)
+            continue
+        with compiling_for(row.arch):
+            estimate = spec.resources(problem_from_dict(row.problem_spec), row.knobs).get("shared")
+        out.append(replace(row, shared_estimate=estimate))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,14 +490,32 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per config")
+    parser.add_argument("--rescore", metavar="JSON", type=Path,
+                        help="compile nothing: re-score the rows of a saved --json against check()'s "
+                        "current shared-memory estimate (to iterate on kernels/triton_smem.py)")
 
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def load_rows(path: Path) -> list[Row]:
+    """The per-config rows of a saved `autotune compile-check --json`."""
+    try:
+        data = json.loads(path.read_text())
+        fields = set(Row.__dataclass_fields__)
+        return [Row(**{k: v for k, v in row.items() if k in fields}) for row in data["rows"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AutotuneError(f"--rescore {path}: not a saved compile-check --json ({exc})") from None
+
+
 def run_cli(args) -> int:
     from autotune.problem import OPS
+
+    if args.rescore is not None:
+        summary = summarize(rescore(load_rows(args.rescore)))
+        print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+        return 1 if summary["failed"] else 0
 
     try:
         archs = [int(a) for a in _csv(args.arch)]

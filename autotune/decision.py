@@ -65,7 +65,8 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
            study_name: str | None = None, seed: int | None = 0, specs: Sequence | None = None,
            force: bool = False, progress=False, threads: int | None = None, evaluate=None,
            source: str = "search", unwritable_ok: bool = False, warm_start: bool = True,
-           stop_calls: int | None = None, in_process: bool = False) -> Entry:
+           stop_calls: int | None = None, in_process: bool = False,
+           compile_budget: float | None = None) -> Entry:
     """The cached entry for `problem`, or tune it (Optuna), decide, and cache a trustworthy result.
 
     threads pins torch's CPU thread count for the search (None: as it is); it is part of the
@@ -76,7 +77,8 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
     cached neighbouring shapes (same op, other batch size or channels) right after the defaults.
     stop_calls (`--stop auto`) ends the search early when the rest of the budget cannot pay for
     itself over that many calls of the kernel (autotune.stopping). Candidates run in an isolated
-    worker process unless `in_process` (or a custom `evaluate` is given).
+    worker process unless `in_process` (or a custom `evaluate` is given). compile_budget caps the
+    seconds Triton candidates' first calls (their JIT compile) may take in all (`--compile-budget`).
     """
     specs = _specs(problem, device, specs)
     cache = cache if cache is not None else Cache()
@@ -92,7 +94,7 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
         result = tune(problem, device=device, trials=trials, timeout=timeout, sampler=sampler,
                       storage=storage, study_name=name, seed=seed, specs=specs, progress=progress,
                       fresh=force, evaluate=evaluate, warm_start=warm, stop_calls=stop_calls,
-                      in_process=in_process)
+                      in_process=in_process, compile_budget=compile_budget)
         if result.best_own is None and result.vendor is None:
             counts = ", ".join(f"{k} {v}" for k, v in result.counts().items())
             raise AutotuneError(f"no candidate passed verification for {problem.describe()} ({counts}); "

@@ -47,7 +47,7 @@ class Entry:
     best_own: OwnKernel | None
     trials: dict  # distinct configs measured, by status
     valid_configs: int = 0  # how many configs the kernels' constraints admit (the search's space)
-    stopped: str = ""  # why cost-aware stopping (--stop auto) ended the search early, if it did
+    stopped: str = ""  # why --stop auto or --compile-budget ended (part of) the search early, if one did
     threads: int  # torch's CPU thread count during the measurement
     trustworthy: bool  # the final re-timing agreed with the search (see measure.agree)
     reason: str = ""  # why this algorithm, or why the timing is not trusted

@@ -64,19 +64,24 @@ class Outcome:
     measurement: Measurement | None = None
     error: float | None = None  # max relative error against the reference
     message: str = ""
+    # Wall seconds of the first call (the verification run). For a Triton kernel that call
+    # JIT-compiles it, which on a GPU is most of what a candidate costs (autotune compile-check:
+    # ~1 s typical, up to 45 s); tune(compile_budget=...) adds these up.
+    first_call_s: float | None = None
 
     def as_dict(self) -> dict:
         """Plain data (for a worker's pipe or a study's user attrs)."""
         return {"status": self.status.value,
                 "measurement": self.measurement.as_dict() if self.measurement else None,
                 "error": self.error if self.error is not None and math.isfinite(self.error) else None,
-                "message": self.message}
+                "message": self.message, "first_call_s": self.first_call_s}
 
     @classmethod
     def from_dict(cls, data: dict) -> Outcome:
         m = data.get("measurement")
         return cls(status=Status(data["status"]), measurement=Measurement.from_dict(m) if m else None,
-                   error=data.get("error"), message=data.get("message", ""))
+                   error=data.get("error"), message=data.get("message", ""),
+                   first_call_s=data.get("first_call_s"))
 
 
 # Relative tolerance (max |out - ref| / max |ref|) per dtype. The bound grows like the square root
@@ -249,6 +254,7 @@ def evaluate_on(problem: Problem, spec, knobs, inputs, ref, *, device: str,
     inputs = tuple(t.clone() for t in inputs)  # a kernel that writes its inputs spoils only its own copy
     out = empty_output(problem, device=device)
     out.fill_(float("nan"))
+    start = time.perf_counter()
     try:
         # Triton prints the whole PTX (tens of KB) to stdout when ptxas fails; the exception
         # carries ptxas's own message, so the dump is dropped.
@@ -257,12 +263,14 @@ def evaluate_on(problem: Problem, spec, knobs, inputs, ref, *, device: str,
         if device == "cuda":
             torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001 - any kernel failure is a trial result
-        return Outcome(status=classify_exception(exc), message=f"{type(exc).__name__}: {exc}"[:500])
+        return Outcome(status=classify_exception(exc), message=f"{type(exc).__name__}: {exc}"[:500],
+                       first_call_s=time.perf_counter() - start)
+    first_call_s = time.perf_counter() - start
     ok, error = verify(problem, result, ref, dtype=precision_of(problem, knobs))
     if not ok:
-        return Outcome(status=Status.WRONG_ANSWER, error=error,
+        return Outcome(status=Status.WRONG_ANSWER, error=error, first_call_s=first_call_s,
                        message=f"max relative error {error:.2e} above tolerance")
     if not timed:
-        return Outcome(status=Status.OK, error=error)
+        return Outcome(status=Status.OK, error=error, first_call_s=first_call_s)
     measurement = bench(lambda: spec.run(problem, knobs, inputs, out), device=device, rep_ms=rep_ms)
-    return Outcome(status=Status.OK, measurement=measurement, error=error)
+    return Outcome(status=Status.OK, measurement=measurement, error=error, first_call_s=first_call_s)

@@ -51,3 +51,29 @@ class StopRule:
                        f"at most {expected_saving_s:.2f} s to save over {self.calls} calls vs "
                        f"{remaining_cost_s:.1f} s more searching")
         return True
+
+
+@dataclass
+class CompileBudget:
+    """A cap on the seconds a search spends compiling (`--compile-budget`).
+
+    On a GPU a Triton candidate's first call JIT-compiles it: ~1 s typically, up to 45 s for a
+    pathological config (autotune compile-check), against milliseconds of timing. Once the
+    compiled candidates' first calls add up to `seconds`, the search proposes no new config of a
+    compiled backend; configs already measured stay, and other backends (torch's op, NumPy) go on.
+    """
+
+    seconds: float
+    spent: float = 0.0
+    configs: int = 0  # compiled candidates charged so far
+    reason: str = ""
+
+    def charge(self, seconds: float) -> bool:
+        """Add one compiled candidate's first-call seconds; True the first time the budget is spent."""
+        self.spent += max(0.0, seconds)
+        self.configs += 1
+        if self.reason or self.spent < self.seconds:
+            return False
+        self.reason = (f"stopped: compile budget {self.seconds:g} s spent after {self.configs} "
+                       f"Triton configs ({self.spent:.1f} s in their first calls)")
+        return True

@@ -32,7 +32,7 @@ from autotune.errors import AutotuneError, UnknownNameError
 from autotune.measure import Measurement, Outcome, Status
 from autotune.problem import Problem
 from autotune.space import Config, Param
-from autotune.stopping import StopRule
+from autotune.stopping import CompileBudget, StopRule
 
 SAMPLERS = ("tpe", "hybrid", "random", "grid", "cmaes")
 HYBRID_STARTUP = 16  # configs measured at random before the model proposes...
@@ -41,6 +41,7 @@ HYBRID_EVERY = 3  # after that, one proposal in HYBRID_EVERY stays random
 VENDOR = "vendor"
 CANDIDATE_TIMEOUT_S = 60.0  # a GPU candidate that takes longer is recorded as a timeout
 CANDIDATE_TIMEOUT_ENV = "AUTOTUNE_CANDIDATE_TIMEOUT_S"  # overrides it (seconds; tests use a few)
+COMPILED_BACKENDS = ("triton",)  # whose first call JIT-compiles: what --compile-budget counts
 # An Optuna sampler made from the seed (SamplerPlan.model).
 SamplerFactory = Callable[[int | None], optuna.samplers.BaseSampler]
 
@@ -72,7 +73,7 @@ class TuneResult:
     distrust: str = ""  # why not, in words
     valid_configs: int = 0  # size of the space the kernels' constraints admit for this problem
     rejected: int = 0  # sampler proposals the constraints rejected (free: never measured)
-    stopped: str = ""  # why cost-aware stopping ended the search early, if it did
+    stopped: str = ""  # why --stop auto or the compile budget ended (part of) the search early
 
     @property
     def best(self) -> Candidate | None:
@@ -187,6 +188,7 @@ def tune(
     warm_start: Sequence[Config] = (),
     stop_calls: int | None = None,
     in_process: bool = False,
+    compile_budget: float | None = None,
 ) -> TuneResult:
     """Find the fastest correct (algorithm, knobs) for `problem` on `device`.
 
@@ -198,7 +200,9 @@ def tune(
     sample; our kernel is chosen over the vendor only when faster beyond the noise. warm_start
     configs (e.g. winners of neighbouring shapes) are measured right after the defaults, where
     this problem's constraints admit them. stop_calls turns on cost-aware stopping
-    (autotune.stopping) for a kernel expected to run that many times.
+    (autotune.stopping) for a kernel expected to run that many times. compile_budget (seconds)
+    stops proposing Triton configs once their first calls, which JIT-compile them, have taken
+    that long in all (autotune.stopping.CompileBudget); the result's `stopped` says so.
     """
     if specs is None:
         specs = registry.kernels_for(problem, device)
@@ -210,7 +214,7 @@ def tune(
         return _search(problem, specs, evaluate, device=device, trials=trials, timeout=timeout,
                        sampler=sampler, storage=storage, study_name=study_name, seed=seed,
                        progress=progress, fresh=fresh, confirm_top=confirm_top, warm_start=warm_start,
-                       stop_calls=stop_calls)
+                       stop_calls=stop_calls, compile_budget=compile_budget)
 
 
 def _default_evaluator(device: str, seed: int, stack: contextlib.ExitStack, in_process: bool) -> Evaluate:
@@ -243,7 +247,7 @@ def candidate_timeout_s() -> float:
 
 
 def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, storage, study_name, seed,
-            progress, fresh, confirm_top, warm_start=(), stop_calls=None) -> TuneResult:
+            progress, fresh, confirm_top, warm_start=(), stop_calls=None, compile_budget=None) -> TuneResult:
     by_name = {spec.algorithm: spec for spec in specs}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -264,6 +268,7 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
     bar = _progress_bar(problem, budget, len(seen)) if own_bar else (progress or None)
     deadline = None if timeout is None else time.monotonic() + timeout
     stop = StopRule(budget=budget, calls=stop_calls) if stop_calls else None
+    compiling = CompileBudget(compile_budget) if compile_budget is not None else None
     # The isolated evaluator's per-candidate timeout is shortened near the deadline; it is put
     # back afterwards, for the finalists' re-timing and for whoever shares the evaluator (seen on
     # an H200: left short, it timed out every later candidate of gpu_check's other shapes).
@@ -282,6 +287,12 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
             seen[config.key()] = outcome
             proposer.tell(config, outcome)
             _add_trial(study, spec, config, outcome)
+            if compiling is not None and spec.backend in COMPILED_BACKENDS:
+                # A candidate killed before its first call returned (timeout) cost its whole time.
+                first = outcome.first_call_s if outcome.first_call_s is not None else time.monotonic() - started
+                if compiling.charge(first):
+                    proposer.drop({a for a, s in by_name.items() if s.backend in COMPILED_BACKENDS})
+                    study.set_user_attr("compile_budget", compiling.reason)
             if bar is not None:
                 bar.update(1)
                 _show_best(bar, seen)
@@ -293,8 +304,9 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
             evaluate.timeout_s = candidate_timeout
         if own_bar:
             bar.close()
+    reasons = [r.reason for r in (compiling, stop) if r is not None and r.reason]
     return _result(problem, study, by_name, evaluate, confirm_top, device,
-                   invalid=proposer.invalid, valid=len(valid), stopped=stop.reason if stop else "")
+                   invalid=proposer.invalid, valid=len(valid), stopped="; ".join(reasons))
 
 
 def _best_own_ms(seen: dict[str, Outcome]) -> float | None:
@@ -345,6 +357,15 @@ class _Proposer:
                 self._tell(self._trial_for(_config_from_key(key)), outcome)
             self.near = _Neighbours(by_name, valid, self.unmeasured)
         self._pending: dict[str, optuna.Trial] = {}
+        self.dropped: set[str] = set()
+
+    def drop(self, algorithms: set[str]) -> None:
+        """Propose no more configs of these algorithms (a spent compile budget)."""
+        self.dropped |= algorithms
+        for key in [k for k, c in self.unmeasured.items() if c.algorithm in algorithms]:
+            del self.unmeasured[key]
+            if self.scratch is not None:
+                self.near.measured(key)
 
     def next(self) -> Config | None:
         if not self.unmeasured:
@@ -363,6 +384,9 @@ class _Proposer:
         knobs = {p.name: _suggest(trial, f"{algorithm}.{p.name}", p) for p in spec.space}
         config = Config.make(algorithm, spec.full_knobs(self.problem, knobs))
         key = config.key()
+        if algorithm in self.dropped:  # not the config's fault: no lesson for the sampler's count
+            self.scratch.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return self.rng.choice(list(self.unmeasured.values()))
         if key in self.unmeasured:
             self._pending[key] = trial
             return config
@@ -459,6 +483,8 @@ def _add_trial(study: optuna.Study, spec, config: Config, outcome: Outcome) -> N
         attrs["error"] = outcome.error
     if outcome.message:
         attrs["message"] = outcome.message[:300]
+    if outcome.first_call_s is not None:
+        attrs["first_call_s"] = round(outcome.first_call_s, 4)
     ok = outcome.status is Status.OK
     study.add_trial(optuna.trial.create_trial(
         params=params, distributions=distributions, user_attrs=attrs,

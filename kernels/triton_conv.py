@@ -37,16 +37,17 @@ import triton.language as tl
 
 from autotune.problem import Conv2dProblem
 from autotune.registry import KernelSpec
+from kernels.triton_smem import dot_shared, element_size
 from kernels.triton_tiles import (
     DTYPES,
     INPUT_PRECISIONS,
+    capability,
     check_dot_tile,
     check_elements,
     check_int32_offsets,
     check_registers,
     dot_precision,
     dot_tile_resources,
-    dot_tile_shared,
     k_per_split,
     pow2_at_least,
     require_device,
@@ -56,6 +57,11 @@ from kernels.triton_tiles import (
 LOOP_ORDERS = ("flat", "taps_outer", "channels_outer")
 DEFAULT_STAGES = 2
 DIRECT_MAX_ACC_REGISTERS = 128
+# The implicit GEMM's operand tiles are gathers: each element comes with its own computed address
+# and mask. Measured (autotune compile-check, sm_80/sm_90): up to 96 gathered elements per thread
+# spill at most ~5 KB; from 136 up, 4-20 KB per thread and 8-40 s compiles (one at 288 did not
+# compile in 120 s).
+MAX_GATHERED_PER_THREAD = 128
 
 # ---------------------------------------------------------------------------------------------
 # Device kernels
@@ -435,24 +441,30 @@ def check_implicit_gemm(problem: Conv2dProblem, knobs) -> str | None:
         # Measured: the cubins of num_stages 1-4 are byte-identical here (see implicit_gemm_shared).
         return (f"num_stages={knobs['num_stages']} compiles to the same kernel as num_stages={DEFAULT_STAGES} "
                 f"for {problem.dtype} {problem.op} (its gathered loads are not pipelined): a duplicate")
+    gathered = knobs["BLOCK_K"] * (knobs["BLOCK_M"] + knobs["BLOCK_N"]) // (32 * knobs["num_warps"])
+    if gathered > MAX_GATHERED_PER_THREAD:
+        return (f"the gathered operand tiles put {gathered} elements (and their addresses) on each thread, "
+                f"more than {MAX_GATHERED_PER_THREAD}: ptxas spills kilobytes per thread and compiles for "
+                "tens of seconds")
     return check_dot_tile(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["BLOCK_K"], knobs["num_warps"],
-                          knobs["num_stages"], problem.dtype, shared=implicit_gemm_shared(problem, knobs))
+                          knobs["num_stages"], implicit_gemm_shared(problem, knobs))
 
 
 def implicit_gemm_shared(problem: Conv2dProblem, knobs) -> int:
-    """Gathered loads of 2-byte elements cannot be cp.async'd (4 bytes at least), so they get one
-    buffer whatever num_stages is; float32 gathers and bwd_weight's contiguous dY tile are
-    pipelined. Only bwd_weight re-lays its accumulator out through shared memory for the store.
-    (Measured with autotune compile-check for sm_90.)"""
-    stages = knobs.get("num_stages", DEFAULT_STAGES)
-    half = problem.dtype != "float32"
+    """kernels/triton_smem.py's model. Every operand is a gather (computed addresses): pipelined
+    for float32, one buffer for 2-byte types, whose loads cp.async cannot take. fwd and
+    bwd_data store straight from the accumulator's layout (no conversion measured); bwd_weight
+    converts it, in float32 for a split-K workspace."""
+    out_size = None
     if problem.op == "conv2d_bwd_weight":
-        a_buffers, b_buffers, epilogue = stages, 1 if half else stages, True
-    else:
-        a_buffers = b_buffers = 1 if half else stages
-        epilogue = False
-    return dot_tile_shared(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["BLOCK_K"], problem.dtype,
-                           a_buffers=a_buffers, b_buffers=b_buffers, epilogue=epilogue)
+        red = gemm_dims(problem)[2]
+        split = knobs["split_k"] > 1 and k_per_split(red, knobs["split_k"], knobs["BLOCK_K"]) < red
+        out_size = 4 if split else element_size(problem.dtype)
+    return dot_shared(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["BLOCK_K"], problem.dtype,
+                      capability=capability(), num_warps=knobs["num_warps"],
+                      num_stages=knobs.get("num_stages", DEFAULT_STAGES),
+                      input_precision=knobs.get("input_precision", "ieee"), a_vectorised=False,
+                      b_vectorised=False, a_gathered=True, b_gathered=True, out_size=out_size)
 
 
 def implicit_gemm_resources(problem: Conv2dProblem, knobs) -> dict[str, int]:

@@ -33,16 +33,17 @@ import triton.language as tl
 
 from autotune.problem import GemmProblem
 from autotune.registry import KernelSpec
+from kernels.triton_smem import dot_shared, element_size
 from kernels.triton_tiles import (
     DTYPES,
     INPUT_PRECISIONS,
     MIN_DOT,
+    capability,
     check_dot_tile,
     check_elements,
     check_int32_offsets,
     dot_precision,
     dot_tile_resources,
-    dot_tile_shared,
     k_per_split,
     pow2_at_least,
     require_device,
@@ -197,14 +198,22 @@ def check(problem: GemmProblem, knobs) -> str | None:
         if reason:
             return reason
     return check_dot_tile(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["BLOCK_K"],
-                          knobs["num_warps"], knobs["num_stages"], problem.dtype,
-                          shared=shared_bytes(problem, knobs))
+                          knobs["num_warps"], knobs["num_stages"], shared_bytes(problem, knobs))
 
 
 def shared_bytes(problem: GemmProblem, knobs) -> int:
-    """Both operands pipelined (num_stages copies), the accumulator re-laid out for the store."""
-    return dot_tile_shared(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["BLOCK_K"], problem.dtype,
-                           a_buffers=knobs["num_stages"], b_buffers=knobs["num_stages"], epilogue=True)
+    """kernels/triton_smem.py's model. An operand's loads are vectorised when its contiguous
+    dimension is a multiple of 16 elements (Triton specialises such sizes and strides): A along K
+    (along M when transposed), B along N (along K when transposed). The store converts the tile
+    in the output's type, float32 for a split-K workspace."""
+    m, n, k = problem.m, problem.n, problem.k
+    split = knobs["split_k"] > 1 and k_per_split(k, knobs["split_k"], knobs["BLOCK_K"]) < k
+    return dot_shared(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["BLOCK_K"], problem.dtype,
+                      capability=capability(), num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
+                      input_precision=knobs["input_precision"],
+                      a_vectorised=(m if problem.trans_a else k) % 16 == 0,
+                      b_vectorised=(k if problem.trans_b else n) % 16 == 0,
+                      out_size=4 if split else element_size(problem.dtype))
 
 
 def resources(problem: GemmProblem, knobs) -> dict[str, int]:

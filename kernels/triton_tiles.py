@@ -28,6 +28,7 @@ SHARED_MEMORY_BY_CAPABILITY = {70: 96 * 1024, 75: 64 * 1024, 80: 163 * 1024, 86:
                                89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 # Fallback when nothing can tell: an H100's opt-in shared memory per block (227 KiB).
 DEFAULT_SHARED_MEMORY = 227 * 1024
+DEFAULT_CAPABILITY = 90
 # An accumulator above this many float32 registers per thread spills to local memory.
 MAX_ACC_REGISTERS = 128
 # A block's threads share 64K registers and a thread has at most 255: with 16 warps (512 threads)
@@ -124,10 +125,6 @@ def _gpu_shared_memory() -> int:
     return DEFAULT_SHARED_MEMORY
 
 
-def element_size(dtype: str) -> int:
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
-
-
 def check_int32_offsets(problem) -> str | None:
     """supports(): refuse problems whose tensors the kernels' int32 offsets cannot address."""
     shapes = [*problem.input_shapes(), problem.output_shape()]
@@ -141,26 +138,16 @@ def check_elements(elements: int, what: str) -> str | None:
     return None
 
 
-def dot_tile_shared(block_m: int, block_n: int, block_k: int, dtype: str, *, a_buffers: int,
-                    b_buffers: int, epilogue: bool) -> int:
-    """Bytes of shared memory a tl.dot loop gets, as an upper bound of Triton's own figure.
-
-    Each operand tile has `a_buffers` / `b_buffers` copies in shared memory (num_stages when
-    Triton's pipeliner can cp.async it, one when it is only staged for the MMA); an epilogue that
-    re-lays the float32 accumulator out for the store needs BLOCK_M x BLOCK_N x 4 bytes of
-    scratch, reused after the loop. Compiled for sm_90 (autotune compile-check) the pipeliner's
-    choice also depends on the problem (divisibility of sizes and strides, trip count), which
-    check() does not see, so this is the most it allocates, not what it always allocates.
-    """
-    size = element_size(dtype)
-    loop = (a_buffers * block_m + b_buffers * block_n) * block_k * size
-    return max(loop, block_m * block_n * 4 if epilogue else 0)
+def capability() -> int:
+    """The compute capability check() plans shared memory for: the compile target, else this
+    GPU's, else sm_90 (the limit's fallback too)."""
+    return device.cuda_capability() or DEFAULT_CAPABILITY
 
 
 def check_dot_tile(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
-                   dtype: str, shared: int | None = None) -> str | None:
+                   shared: int) -> str | None:
     """Constraints every tl.dot kernel shares: tile minimum, warps, registers, shared memory
-    (`shared`: the kernel's own dot_tile_shared; default a GEMM's, every operand pipelined)."""
+    (`shared`: the kernel's own estimate, kernels/triton_smem.py)."""
     for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k)):
         if value < MIN_DOT or value & (value - 1):
             return f"{name}={value}: tl.dot needs a power of two >= {MIN_DOT}"
@@ -169,13 +156,10 @@ def check_dot_tile(block_m: int, block_n: int, block_k: int, num_warps: int, num
         return reason
     if num_stages < 1:
         return f"num_stages={num_stages} must be >= 1"
-    if shared is None:
-        shared = dot_tile_shared(block_m, block_n, block_k, dtype, a_buffers=num_stages,
-                                 b_buffers=num_stages, epilogue=True)
     limit = shared_memory_limit()
     if shared > limit:
         return (f"needs ~{shared // 1024} KiB shared memory ({block_m}x{block_k} + {block_k}x{block_n} "
-                f"tiles, {num_stages} stages, epilogue), the device has {limit // 1024} KiB")
+                f"tiles, {num_stages} stages, epilogue), sm_{capability()} has {limit // 1024} KiB")
     return None
 
 

@@ -100,6 +100,8 @@ def test_info_lists_fingerprint_and_kernels(capsys, cache_dir):
     (["search", "conv2d", "--shape", "3x8x8", "--batch", "-1"], "--batch must be a positive"),
     (["search", "gemm", "--shape", "8x8x8", "--calls", "5"], "--calls"),
     (["search", "gemm", "--shape", "8x8x8", "--threads", "0"], "--threads"),
+    (["search", "gemm", "--shape", "8x8x8", "--compile-budget", "0"], "--compile-budget"),
+    (["search", "gemm", "--shape", "8x8x8", "--compile-budget", "nan"], "--compile-budget"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(capsys, cache_dir, argv, message):
     with pytest.raises(SystemExit) as exc_info:

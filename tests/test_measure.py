@@ -51,6 +51,20 @@ def test_failures_become_statuses():
     assert evaluate(PROBLEM, spec, {"BLOCK": 3}, device="cpu").status is Status.INVALID
     crashed = evaluate(PROBLEM, spec, {"BLOCK": 4}, device="cpu")
     assert crashed.status is Status.CRASHED and "exploded" in crashed.message
+    # A failed first call is still charged to a compile budget; a rejected config never ran.
+    assert crashed.first_call_s is not None
+    assert evaluate(PROBLEM, spec, {"BLOCK": 3}, device="cpu").first_call_s is None
+
+
+def test_the_first_call_is_recorded_and_crosses_a_worker_pipe():
+    """The first call's seconds (a Triton kernel's JIT compile) travel with the outcome."""
+    from autotune.measure import Outcome
+
+    spec = KernelSpec(op="gemm", algorithm="matmul", backend="numpy",
+                      run=lambda problem, knobs, inputs, out: torch.matmul(*inputs, out=out), defaults={})
+    outcome = evaluate(PROBLEM, spec, {}, device="cpu", timed=False)
+    assert outcome.status is Status.OK and outcome.first_call_s is not None
+    assert Outcome.from_dict(outcome.as_dict()) == outcome
 
 
 def test_bench_cpu_reports_ordered_quantiles():

@@ -1,6 +1,7 @@
 """The search logic with a fake timer (deterministic), and one real study on real kernels."""
 
 import contextlib
+import dataclasses
 
 import pytest
 
@@ -215,3 +216,42 @@ def test_a_deadline_shortens_the_candidate_timeout_only_during_the_search():
     assert all(t <= 30 for t in evaluator.seen_timeouts[:3])
     assert evaluator.seen_timeouts[3:] and all(t == 60.0 for t in evaluator.seen_timeouts[3:])
     assert evaluator.timeout_s == 60.0
+
+
+WIDE = _spec("wide", Space(params=(Param(name="BLOCK", values=(8, 16, 32)), Param(name="order", values=("ab", "ba")),
+                                   Param(name="unroll", values=(1, 2, 4, 8)))),
+             {"BLOCK": 16, "order": "ab", "unroll": 1})
+
+
+class Compiling(FakeTimer):
+    """A Triton-like kernel whose first call (the JIT compile) takes 10 s, beside a NumPy one."""
+
+    def __call__(self, problem, spec, knobs):
+        if spec.algorithm == "wide":
+            self.calls.append((spec.algorithm, tuple(sorted(spec.full_knobs(problem, knobs).items()))))
+            outcome = _ok(1.0 + knobs.get("unroll", 1) / 10)
+        else:
+            outcome = super().__call__(problem, spec, knobs)
+        return dataclasses.replace(outcome, first_call_s=10.0 if spec.backend == "triton" else 0.001)
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "grid"])
+def test_a_compile_budget_stops_proposing_triton_configs(sampler):
+    """Once the Triton candidates' first calls add up to the budget, no new Triton config is
+    proposed; the other backend's configs are still measured, and the result says why."""
+    triton_spec = dataclasses.replace(WIDE, backend="triton")
+    timer = Compiling()
+    result = tune(PROBLEM, specs=[triton_spec, TILED], evaluate=timer, trials=30, sampler=sampler,
+                  compile_budget=25, confirm_top=0)
+    assert sum(c[0] == "wide" for c in timer.calls) == 3  # 10 + 10 + 10 s >= 25 s
+    assert {c for c in timer.calls if c[0] == "tiled"} == {  # all six valid NumPy configs
+        ("tiled", (("BLOCK", b), ("order", o))) for b in (8, 16, 32) for o in ("ab", "ba")}
+    assert result.stopped == "stopped: compile budget 25 s spent after 3 Triton configs (30.0 s in their first calls)"
+    assert sum(result.counts().values()) == 9
+
+
+def test_without_a_compile_budget_compiled_kernels_use_the_whole_budget():
+    timer = Compiling()
+    result = tune(PROBLEM, specs=[dataclasses.replace(WIDE, backend="triton"), TILED], evaluate=timer,
+                  trials=30, sampler="random", confirm_top=0)
+    assert sum(c[0] == "wide" for c in timer.calls) == 24 and result.stopped == ""
