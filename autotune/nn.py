@@ -192,6 +192,8 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, stri
         problem = conv_problem(x, w, stride, padding, dilation)
         problems = (problem, _with_op(problem, "conv2d_bwd_data"), _with_op(problem, "conv2d_bwd_weight"))
         plan = _plan(key, problems, x, w, need_dx, need_dw)
+    else:
+        dispatch.measuring_done()  # a layer runs on choices made before: first-time measuring is over
     if plan.torch_only:
         # The choice was made (and cached): torch's op with torch's own autograd, no Function.
         p = plan.forward
@@ -236,6 +238,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
                     _gemm_problem(batch, fan_in, fan_out, False, False, x.dtype),  # dX = dY·W
                     _gemm_problem(fan_out, fan_in, batch, True, False, x.dtype))  # dW = dYᵀ·X
         plan = _plan(key, problems, x2d, w, need_dx, need_dw)
+    else:
+        dispatch.measuring_done()  # a layer runs on choices made before: first-time measuring is over
     if plan.torch_only:
         with _label("autotune::gemm:vendor"):
             return F.linear(x, w, b)

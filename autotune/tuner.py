@@ -31,6 +31,7 @@ from autotune.confirm import Candidate, Evaluate, confirm
 from autotune.errors import AutotuneError, UnknownNameError
 from autotune.measure import Measurement, Outcome, Status
 from autotune.problem import Problem
+from autotune.progress import bar as progress_bar
 from autotune.space import Config, Param
 from autotune.stopping import StopRule
 
@@ -261,7 +262,8 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
     proposer = _Proposer(sampler, seed, problem, by_name, valid, seen, warm)
     # progress: True for a bar of our own, or a tqdm bar to share (one bar over many problems).
     own_bar = progress is True
-    bar = _progress_bar(problem, budget, len(seen)) if own_bar else (progress or None)
+    bar = (progress_bar(desc=f"tuning {problem.op}", unit="cfg", total=budget, initial=len(seen))
+           if own_bar else (None if progress is None or progress is False else progress))
     deadline = None if timeout is None else time.monotonic() + timeout
     stop = StopRule(budget=budget, calls=stop_calls) if stop_calls else None
     # The isolated evaluator's per-candidate timeout is shortened near the deadline; it is put
@@ -293,7 +295,7 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
             evaluate.timeout_s = candidate_timeout
         if own_bar:
             bar.close()
-    return _result(problem, study, by_name, evaluate, confirm_top, device,
+    return _result(problem, study, by_name, evaluate, confirm_top, device, progress=_shows(progress),
                    invalid=proposer.invalid, valid=len(valid), stopped=stop.reason if stop else "")
 
 
@@ -505,7 +507,7 @@ def _config_from_key(key: str) -> Config:
     return Config.make(data["algorithm"], data["knobs"])
 
 
-def _result(problem, study, by_name, evaluate, confirm_top, device, *, invalid: int, valid: int,
+def _result(problem, study, by_name, evaluate, confirm_top, device, *, progress: bool, invalid: int, valid: int,
             stopped: str = "") -> TuneResult:
     records = []
     for t in study.get_trials(deepcopy=False):
@@ -526,7 +528,8 @@ def _result(problem, study, by_name, evaluate, confirm_top, device, *, invalid: 
     distrust = ""
     if confirm_top > 0:
         confirmed, distrust = confirm([Candidate(config=r.config, measurement=r.measurement)
-                                       for r in own + vendor], problem, by_name, evaluate)
+                                       for r in own + vendor], problem, by_name, evaluate,
+                                      progress=progress)
     else:
         confirmed = [Candidate(config=r.config, measurement=r.measurement) for r in own + vendor]
     confirmed.sort(key=lambda c: c.measurement.median)
@@ -543,11 +546,11 @@ def _result(problem, study, by_name, evaluate, confirm_top, device, *, invalid: 
                       stopped=stopped)
 
 
-def _progress_bar(problem: Problem, total: int, done: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=min(done, total), desc=f"tuning {problem.op}", unit="cfg",
-                dynamic_ncols=True, leave=False)
+def _shows(progress) -> bool:
+    """Whether the caller wants progress shown: True, or a bar of its own that is enabled."""
+    if progress is None or isinstance(progress, bool):
+        return bool(progress)
+    return not getattr(progress, "disable", True)
 
 
 def _show_best(bar, seen: dict[str, Outcome]) -> None:
