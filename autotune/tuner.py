@@ -37,7 +37,10 @@ from autotune.stopping import StopRule
 
 SAMPLERS = ("tpe", "hybrid", "random", "grid", "cmaes")
 HYBRID_STARTUP = 16  # configs measured at random before the model proposes...
-HYBRID_STARTUP_FRACTION = 0.01  # ... or this share of the valid space, whichever is more
+HYBRID_STARTUP_FRACTION = 0.01  # ... or this share of the valid space, whichever is more...
+# ... but at most this share of the budget: a short search (the `tune` policy's 12 configs, 2% of
+# a space) must leave the model turns, or it is random search (README, "Choosing the default").
+HYBRID_STARTUP_SHARE = 0.25
 HYBRID_EVERY = 3  # after that, one proposal in HYBRID_EVERY stays random
 VENDOR = "vendor"
 CANDIDATE_TIMEOUT_S = 60.0  # a GPU candidate that takes longer is recorded as a timeout
@@ -93,17 +96,31 @@ class TuneResult:
 @dataclass(frozen=True, kw_only=True)
 class SamplerPlan:
     """How the next config is chosen: `model` (an Optuna sampler made from the seed) proposes,
-    except for the first max(random_first, random_fraction * valid configs) proposals and every
-    `random_every`-th one after (0: never), which are drawn uniformly from the valid configs not
-    measured yet. model None: random search."""
+    except for the first max(random_first, random_fraction * valid configs) proposals (at most
+    random_share of the budget) and every `random_every`-th one after (0: never), which are drawn
+    at random from the valid configs not measured yet (uniformly, or algorithm first when
+    by_algorithm). model None: random search."""
 
     model: SamplerFactory | None = None
     random_first: int = 0
     random_fraction: float = 0.0
     random_every: int = 0
+    random_share: float = 1.0  # the random start takes at most this share of the budget
+    # Random turns pick the algorithm first (uniformly among those with configs left), then one
+    # of its configs, as a sampler over the conditional space does: an algorithm with 5 configs
+    # is tried as often as one with 42 (uniform over configs would rarely try it at all).
+    by_algorithm: bool = False
 
-    def random_turns(self, valid: int) -> int:
-        return max(self.random_first, round(self.random_fraction * valid))
+    def random_turns(self, valid: int, budget: int | None = None) -> int:
+        turns = max(self.random_first, round(self.random_fraction * valid))
+        if budget is None or self.random_share >= 1:
+            return turns
+        return min(turns, math.ceil(self.random_share * budget))
+
+    @property
+    def depends_on_budget(self) -> bool:
+        """Whether a run with a smaller budget differs from the start of a longer one."""
+        return self.model is not None and self.random_share < 1
 
 
 def _tpe(seed: int | None, startup: int = 8) -> optuna.samplers.BaseSampler:
@@ -142,7 +159,8 @@ def sampler_plan(name: str) -> SamplerPlan:
         # Random search first, then TPE; one proposal in HYBRID_EVERY stays random, so a model
         # that settled on one plateau keeps sampling the rest of the space.
         return SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=HYBRID_STARTUP,
-                           random_fraction=HYBRID_STARTUP_FRACTION, random_every=HYBRID_EVERY)
+                           random_fraction=HYBRID_STARTUP_FRACTION, random_share=HYBRID_STARTUP_SHARE,
+                           random_every=HYBRID_EVERY, by_algorithm=True)
     return SamplerPlan(model=functools.partial(make_sampler, name))
 
 
@@ -259,7 +277,7 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
                       f"measures the first {trials} only (raise --trials to cover them all)", stacklevel=3)
     warm = [Config.make(c.algorithm, by_name[c.algorithm].full_knobs(problem, c.as_dict()))
             for c in warm_start if c.algorithm in by_name]
-    proposer = _Proposer(sampler, seed, problem, by_name, valid, seen, warm)
+    proposer = _Proposer(sampler, seed, problem, by_name, valid, seen, warm, budget)
     # progress: True for a bar of our own, or a tqdm bar to share (one bar over many problems).
     own_bar = progress is True
     bar = (progress_bar(desc=f"tuning {problem.op}", unit="cfg", total=budget, initial=len(seen))
@@ -320,7 +338,7 @@ class _Proposer:
     """
 
     def __init__(self, sampler: str | SamplerPlan, seed, problem, by_name, valid: list[Config],
-                 seen: dict[str, Outcome], warm: Sequence[Config] = ()):
+                 seen: dict[str, Outcome], warm: Sequence[Config] = (), budget: int | None = None):
         self.problem, self.by_name, self.seen = problem, by_name, seen
         keys = [c.key() for c in valid]
         self.valid_keys = set(keys)
@@ -339,7 +357,7 @@ class _Proposer:
         self.plan = sampler if isinstance(sampler, SamplerPlan) else (
             SamplerPlan() if self.grid else sampler_plan(sampler))
         self.turns = 0
-        self.random_first = self.plan.random_turns(len(valid))
+        self.random_first = self.plan.random_turns(len(valid), budget)
         self.scratch = None
         if self.plan.model is not None:
             self.scratch = optuna.create_study(sampler=self.plan.model(seed), direction="minimize")
@@ -358,7 +376,7 @@ class _Proposer:
         plan = self.plan
         if plan.model is None or self.turns <= self.random_first or (
                 plan.random_every and (self.turns - self.random_first) % plan.random_every == 0):
-            return self.rng.choice(list(self.unmeasured.values()))
+            return self._random()
         trial = self.scratch.ask()
         algorithm = trial.suggest_categorical("algorithm", list(self.by_name))
         spec = self.by_name[algorithm]
@@ -374,6 +392,14 @@ class _Proposer:
             self.invalid += 1
             self.scratch.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return self.near.nearest(config, self.unmeasured, self.rng)
+
+    def _random(self) -> Config:
+        left = list(self.unmeasured.values())
+        algorithms = sorted({c.algorithm for c in left}) if self.plan.by_algorithm else []
+        if len(algorithms) > 1:
+            algorithm = self.rng.choice(algorithms)
+            left = [c for c in left if c.algorithm == algorithm]
+        return self.rng.choice(left)
 
     def tell(self, config: Config, outcome: Outcome) -> None:
         self.unmeasured.pop(config.key(), None)
