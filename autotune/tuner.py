@@ -283,7 +283,7 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
     bar = (progress_bar(desc=f"tuning {problem.op}", unit="cfg", total=budget, initial=len(seen))
            if own_bar else (None if progress is None or progress is False else progress))
     deadline = None if timeout is None else time.monotonic() + timeout
-    stop = StopRule(budget=budget, calls=stop_calls) if stop_calls else None
+    stop = StopRule(budget=budget, calls=stop_calls, start=proposer.start) if stop_calls else None
     # The isolated evaluator's per-candidate timeout is shortened near the deadline; it is put
     # back afterwards, for the finalists' re-timing and for whoever shares the evaluator (seen on
     # an H200: left short, it timed out every later candidate of gpu_check's other shapes).
@@ -358,6 +358,8 @@ class _Proposer:
             SamplerPlan() if self.grid else sampler_plan(sampler))
         self.turns = 0
         self.random_first = self.plan.random_turns(len(valid), budget)
+        # Configs measured before the model proposes (a stall among them means little: stopping).
+        self.start = self.defaults + (self.random_first if self.plan.model is not None else 0)
         self.scratch = None
         if self.plan.model is not None:
             self.scratch = optuna.create_study(sampler=self.plan.model(seed), direction="minimize")

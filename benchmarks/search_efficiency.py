@@ -97,9 +97,13 @@ def replay(landscape: landscapes.Landscape, sampler: str, seed: int, budget: int
             "rejected": result.rejected}
 
 
-def _depends_on_budget(sampler: str) -> bool:
+def _plan(sampler: str) -> SamplerPlan:
     plan = VARIANTS[sampler]
-    return (sampler_plan(plan) if isinstance(plan, str) else plan).depends_on_budget
+    return sampler_plan(plan) if isinstance(plan, str) else plan
+
+
+def _depends_on_budget(sampler: str) -> bool:
+    return _plan(sampler).depends_on_budget
 
 
 def best_within(trace: list[float], n: int) -> float:
@@ -132,7 +136,7 @@ def run_landscape(landscape, samplers, seeds: int, fractions=FRACTIONS, *, progr
                                         "worst": max(ratios), "ratios": ratios}
         out["samplers"][sampler] = row
         if sampler == stop_sampler:
-            out["stopping"] = {"sampler": sampler, **stopping_rows(landscape, [r["trace"] for r in runs])}
+            out["stopping"] = {"sampler": sampler, **stopping_rows(landscape, sampler, [r["trace"] for r in runs])}
         cells = "  ".join(f"{f:.0%} {row['by_budget'][str(f)]['median']:.3f}/{row['by_budget'][str(f)]['worst']:.3f}"
                           for f in sizes)
         progress(f"  {sampler:<10} {cells}  {row['per_config_ms']:.1f} ms/config  "
@@ -160,9 +164,12 @@ def config_seconds(landscape, ms: float) -> float:
     return fixed + (MEASURE_RUNS * ms / 1e3 if math.isfinite(ms) else 0.0)
 
 
-def stopped(landscape, trace: list[float], calls: int) -> int:
+def stopped(landscape, sampler: str, trace: list[float], calls: int) -> int:
     """How many configs of `trace` a search with --stop auto --calls `calls` measures."""
-    rule = StopRule(budget=len(trace), calls=calls)
+    plan = _plan(sampler)
+    # as the tuner's: the defaults (one per algorithm here) and the random start come first
+    start = len(landscape.algorithms) + (plan.random_turns(landscape.valid, len(trace)) if plan.model else 0)
+    rule = StopRule(budget=len(trace), calls=calls, start=start)
     best = math.inf
     for i, ms in enumerate(trace, 1):
         best = min(best, ms)
@@ -171,14 +178,14 @@ def stopped(landscape, trace: list[float], calls: int) -> int:
     return len(trace)
 
 
-def stopping_rows(landscape, traces: list[list[float]], calls_list=STOP_CALLS) -> dict:
+def stopping_rows(landscape, sampler: str, traces: list[list[float]], calls_list=STOP_CALLS) -> dict:
     """Median configs, modelled search seconds and best/optimum: fixed budget, then per --calls."""
     def seconds(t, n):
         return sum(config_seconds(landscape, ms) for ms in t[:n])
 
     rows = {}
     for label, calls in [("fixed", None), *((_calls_label(c), c) for c in calls_list)]:
-        cut = [len(t) if calls is None else stopped(landscape, t, calls) for t in traces]
+        cut = [len(t) if calls is None else stopped(landscape, sampler, t, calls) for t in traces]
         runs = list(zip(traces, cut, strict=True))
         rows[label] = {
             "configs": statistics.median(cut),
