@@ -20,6 +20,7 @@ from autotune.errors import AutotuneError
 from autotune.lenet import LeNet5, lenet_problems
 from autotune.nn import Conv2d, Linear, conv2d, linear, patch
 from autotune.problem import Conv2dProblem, GemmProblem, parse_problem
+from autotune.progress import bar as progress_bar
 from autotune.registry import KernelSpec
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "parse_problem",
     "patch",
     "policy",
+    "progress_bar",
     "reset",
     "search",
     "select",

@@ -22,6 +22,7 @@ from autotune.decision import search
 from autotune.entry import Entry
 from autotune.errors import AutotuneError
 from autotune.problem import Problem
+from autotune.progress import bar as progress_bar
 from autotune.reference import empty_output, make_inputs
 from autotune.report import format_table, ms, problem_text
 
@@ -62,8 +63,6 @@ def run_bench(args) -> int:
 
 
 def _bench(args) -> int:
-    from tqdm.auto import tqdm
-
     cache = Cache(args.cache_dir)
     if args.suite == "lenet":
         problems = lenet_suite(_parse_batches(args.batches))
@@ -73,10 +72,16 @@ def _bench(args) -> int:
             raise AutotuneError(f"no cached results for this {args.device} in {cache.path}; run "
                                 "`autotune search ...` first or use `autotune bench --suite lenet`")
     rows = []
-    with tqdm(total=len(problems), desc="bench", unit="shape", disable=args.json) as bar:
+    # One bar over the shapes (which one, and whether it is being tuned or timed), and the
+    # search's own bar below it while a shape is tuned.
+    with progress_bar(desc="bench", unit="shape", total=len(problems), enabled=False if args.json else None,
+                      leave=True) as bar:
         for problem in problems:
             specs = registry.kernels_for(problem, args.device)
-            entry = search(problem, device=args.device, cache=cache, trials=args.trials, specs=specs)
+            bar.set_postfix_str(f"tuning {problem_text(problem)} ({problem.op})")
+            entry = search(problem, device=args.device, cache=cache, trials=args.trials, specs=specs,
+                           progress=not args.json)
+            bar.set_postfix_str(f"timing {problem_text(problem)} ({problem.op})")
             rows.append(_measure_row(problem, specs, entry, args.device, args.rounds))
             bar.update(1)
     summary = _summarize(rows)

@@ -19,6 +19,7 @@ from autotune import measure, registry
 from autotune.cache import STUDIES_FILE, Cache, CacheWarning, default_dir
 from autotune.errors import AutotuneError
 from autotune.problem import DTYPES, OPS, Problem, parse_problem
+from autotune.progress import bar as progress_bar
 from autotune.report import format_pairs, format_table, knobs_text, ms, problem_text, ratio
 from autotune.stopping import DEFAULT_CALLS
 
@@ -393,8 +394,6 @@ def _print_result(args, entry, cache: Cache) -> None:
 
 def _search_model(args, spec: str | None) -> int:
     """Tune every problem of one training step of a model (shared progress bar, cached ones skipped)."""
-    from tqdm.auto import tqdm
-
     from autotune import registry
     from autotune.models import example_input, load_model, model_layers
     from autotune.nn import problems_of
@@ -417,7 +416,8 @@ def _search_model(args, spec: str | None) -> int:
     budget = sum(min(args.trials, len(registry.valid_configs(problem, specs))) for problem, specs in plan
                  if args.force or cache.find(problem, args.device, specs) is None)
     entries = []
-    with tqdm(total=budget, desc=f"tuning {spec} batch {batch}", unit="cfg", disable=args.json) as bar:
+    with progress_bar(desc=f"tuning {spec} batch {batch}", unit="cfg", total=budget,
+                      enabled=False if args.json else None, leave=True) as bar:
         for problem, specs in plan:
             bar.set_description(f"{problem.op} {problem.describe().split(' ', 2)[1]}")
             entries.append(_search(args, cache, problem, specs, progress=bar))

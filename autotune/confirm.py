@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from autotune import measure
 from autotune.measure import Measurement, Outcome, Status
 from autotune.problem import Problem
+from autotune.progress import bar as progress_bar
 from autotune.space import Config
 
 CONFIRM_ROUNDS = 3  # interleaved re-timing rounds of the finalists
@@ -35,20 +36,27 @@ class Candidate:
         return self.config.algorithm
 
 
-def confirm(finalists: Sequence[Candidate], problem: Problem, by_name: dict, evaluate: Evaluate,
-            ) -> tuple[list[Candidate], str]:
+def confirm(finalists: Sequence[Candidate], problem: Problem, by_name: dict, evaluate: Evaluate, *,
+            progress: bool = True) -> tuple[list[Candidate], str]:
     """(re-timed finalists, "" or why the timings cannot be trusted). `finalists` carry the
-    search's own timing of each config; by_name maps algorithm -> KernelSpec."""
+    search's own timing of each config; by_name maps algorithm -> KernelSpec. progress=False:
+    no bar (otherwise one appears when the re-timing lasts over a second, see autotune.progress)."""
     searched = {c.config.key(): c.measurement for c in finalists}
     earlier = [searched]
     confirmed: list[Candidate] = []
     disagreeing: list[Candidate] = []
-    for _ in range(1 + RETIME_ATTEMPTS):
-        confirmed = _retime(finalists, problem, by_name, evaluate)
-        disagreeing = [c for c in confirmed if not measure.agree(c.measurement, searched[c.config.key()])]
-        if not disagreeing:
-            return confirmed, ""
-        earlier.append({c.config.key(): c.measurement for c in confirmed})
+    runs = CONFIRM_ROUNDS * len(finalists)
+    # The bar's total is the first re-timing; a second one, when needed, extends it.
+    with progress_bar(desc=f"re-timing {problem.op} finalists", unit="run", total=runs,
+                      enabled=None if progress else False, delay=1.0) as bar:
+        for attempt in range(1 + RETIME_ATTEMPTS):
+            if attempt:
+                bar.total += runs
+            confirmed = _retime(finalists, problem, by_name, evaluate, bar)
+            disagreeing = [c for c in confirmed if not measure.agree(c.measurement, searched[c.config.key()])]
+            if not disagreeing:
+                return confirmed, ""
+            earlier.append({c.config.key(): c.measurement for c in confirmed})
     worst = disagreeing[0]
     times = " then ".join(f"{past[worst.config.key()].median:.4g}" for past in earlier
                           if worst.config.key() in past)
@@ -56,12 +64,13 @@ def confirm(finalists: Sequence[Candidate], problem: Problem, by_name: dict, eva
                        "to tell (close other work, or try --threads 1)")
 
 
-def _retime(finalists: Sequence[Candidate], problem: Problem, by_name: dict, evaluate: Evaluate,
+def _retime(finalists: Sequence[Candidate], problem: Problem, by_name: dict, evaluate: Evaluate, bar,
             ) -> list[Candidate]:
     samples: dict[str, list[Measurement]] = {c.config.key(): [] for c in finalists}
     for _ in range(CONFIRM_ROUNDS):
         for cand in finalists:
             outcome = evaluate(problem, by_name[cand.algorithm], cand.config.as_dict())
+            bar.update(1)
             if outcome.status is Status.OK:
                 samples[cand.config.key()].append(outcome.measurement)
     confirmed = []

@@ -134,7 +134,8 @@ def benchmark(problem: Problem, *, device: str, inputs: Sequence[torch.Tensor], 
     finalists = [c for c in (own, vendor) if c is not None]
     if not finalists:
         raise AutotuneError(f"no kernel passed verification for {problem.describe()} on {device}")
-    confirmed, distrust = confirm(finalists, problem, by_name, evaluate)
+    # No bar of its own: dispatch's bar over the shapes being measured says which one this is.
+    confirmed, distrust = confirm(finalists, problem, by_name, evaluate, progress=False)
     own = next((c for c in confirmed if c.algorithm != VENDOR), None)
     vendor = next((c for c in confirmed if c.algorithm == VENDOR), None)
     if own is None and vendor is None:

@@ -25,6 +25,7 @@ from autotune import registry
 from autotune.cache import Cache
 from autotune.errors import AutotuneError, UnknownNameError
 from autotune.problem import Problem
+from autotune.progress import Burst
 
 POLICIES = ("cached", "benchmark", "tune")
 TUNE_TRIALS = 12  # the "tune" policy's budget per shape: a short search, it runs inside training
@@ -52,6 +53,10 @@ class _State:
         self.quiet = False
         self.uncached: list[tuple[Problem, str]] = []
         self.stats: Counter[str] = Counter()
+        # The shapes a step meets for the first time are measured one after another (LeNet's
+        # first batch: 14 shapes, ~10 s): one bar over that run, which autotune.nn closes as
+        # soon as a layer runs on choices already made.
+        self.measuring = Burst(desc="autotune: measuring new shapes", unit="done")
         # Bumped whenever a choice may change (policy, cache folder, reset): layers that hold
         # their resolved choices (autotune.nn) re-resolve when it moves.
         self.generation = 0
@@ -75,16 +80,21 @@ def get_policy() -> str:
 
 
 @contextlib.contextmanager
-def policy(name: str, cache_dir: str | Path | None = None, *, quiet: bool = False) -> Iterator[None]:
+def policy(name: str, cache_dir: str | Path | None = None, *, quiet: bool = False,
+           progress: bool | None = None) -> Iterator[None]:
     """`with autotune.policy("benchmark"): train(model)`: the policy inside the block only.
-    quiet=True: no warning per uncached shape; read them with uncached() and say it once."""
-    before = (_state.policy, _state.cache_dir, _state.quiet)
+    quiet=True: no warning per uncached shape; read them with uncached() and say it once.
+    progress: a bar on stderr while new shapes are measured for over a second (None: on a
+    terminal, see autotune.progress; False: never; True: on a terminal or where forced)."""
+    before = (_state.policy, _state.cache_dir, _state.quiet, _state.measuring.enabled)
     set_policy(name, cache_dir)
     _state.quiet = quiet
+    _state.measuring.enabled = progress
     try:
         yield
     finally:
-        _state.policy, _state.cache_dir, _state.quiet = before
+        _state.measuring.close()
+        _state.policy, _state.cache_dir, _state.quiet, _state.measuring.enabled = before
         _state.generation += 1
         if cache_dir is not None:
             _state.memo.clear()
@@ -155,7 +165,9 @@ def _select_slow(problem: Problem, device: str, inputs) -> Choice:
     entry = cache.find(problem, device, specs)
     source = "cache"
     if entry is None and _state.policy in ("benchmark", "tune"):
+        _state.measuring.begin(f"{_state.policy} {problem.slug()}")
         entry, source = _measure(problem, device, specs, inputs, cache), _state.policy
+        _state.measuring.end()
     if entry is None or entry.algorithm not in by_name:
         return _default(problem, device, by_name)
     if not entry.trustworthy and "vendor" in by_name:
@@ -166,6 +178,12 @@ def _select_slow(problem: Problem, device: str, inputs) -> Choice:
     spec = by_name[entry.algorithm]
     return Choice(spec=spec, knobs=spec.full_knobs(problem, entry.knobs), source=source,
                   median_ms=entry.median_ms)
+
+
+def measuring_done() -> None:
+    """The run of first-time measurements is over (a layer ran on choices already made): the
+    measuring bar, if one is open, goes."""
+    _state.measuring.close()
 
 
 def _measure(problem: Problem, device: str, specs, inputs, cache: Cache):

@@ -221,6 +221,8 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, stri
                          problems=(problem, _with_op(problem, "conv2d_bwd_data") if need_dx else None,
                                    _with_op(problem, "conv2d_bwd_weight") if need_dw else None))
         plan = _plan(key, call, x, w, need_dx, need_dw)
+    else:
+        dispatch.measuring_done()  # a layer runs on choices made before: first-time measuring is over
     if plan.torch_only:
         # The choice was made (and cached): torch's op with torch's own autograd, no Function.
         p = plan.forward
@@ -271,6 +273,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
                                    _gemm_problem(fan_out, fan_in, batch, True, False, x.dtype)  # dW = dYᵀ·X
                                    if need_dw else None))
         plan = _plan(key, call, x2d, w, need_dx, need_dw)
+    else:
+        dispatch.measuring_done()  # a layer runs on choices made before: first-time measuring is over
     if plan.torch_only:
         if not _profiling():
             return F.linear(x, w, b)

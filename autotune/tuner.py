@@ -31,12 +31,16 @@ from autotune.confirm import Candidate, Evaluate, confirm
 from autotune.errors import AutotuneError, UnknownNameError
 from autotune.measure import Measurement, Outcome, Status
 from autotune.problem import Problem
+from autotune.progress import bar as progress_bar
 from autotune.space import Config, Param
 from autotune.stopping import CompileBudget, StopRule
 
 SAMPLERS = ("tpe", "hybrid", "random", "grid", "cmaes")
 HYBRID_STARTUP = 16  # configs measured at random before the model proposes...
-HYBRID_STARTUP_FRACTION = 0.01  # ... or this share of the valid space, whichever is more
+HYBRID_STARTUP_FRACTION = 0.01  # ... or this share of the valid space, whichever is more...
+# ... but at most this share of the budget: a short search (the `tune` policy's 12 configs, 2% of
+# a space) must leave the model turns, or it is random search (README, "Choosing the default").
+HYBRID_STARTUP_SHARE = 0.25
 HYBRID_EVERY = 3  # after that, one proposal in HYBRID_EVERY stays random
 VENDOR = "vendor"
 CANDIDATE_TIMEOUT_S = 60.0  # a GPU candidate that takes longer is recorded as a timeout
@@ -93,17 +97,31 @@ class TuneResult:
 @dataclass(frozen=True, kw_only=True)
 class SamplerPlan:
     """How the next config is chosen: `model` (an Optuna sampler made from the seed) proposes,
-    except for the first max(random_first, random_fraction * valid configs) proposals and every
-    `random_every`-th one after (0: never), which are drawn uniformly from the valid configs not
-    measured yet. model None: random search."""
+    except for the first max(random_first, random_fraction * valid configs) proposals (at most
+    random_share of the budget) and every `random_every`-th one after (0: never), which are drawn
+    at random from the valid configs not measured yet (uniformly, or algorithm first when
+    by_algorithm). model None: random search."""
 
     model: SamplerFactory | None = None
     random_first: int = 0
     random_fraction: float = 0.0
     random_every: int = 0
+    random_share: float = 1.0  # the random start takes at most this share of the budget
+    # Random turns pick the algorithm first (uniformly among those with configs left), then one
+    # of its configs, as a sampler over the conditional space does: an algorithm with 5 configs
+    # is tried as often as one with 42 (uniform over configs would rarely try it at all).
+    by_algorithm: bool = False
 
-    def random_turns(self, valid: int) -> int:
-        return max(self.random_first, round(self.random_fraction * valid))
+    def random_turns(self, valid: int, budget: int | None = None) -> int:
+        turns = max(self.random_first, round(self.random_fraction * valid))
+        if budget is None or self.random_share >= 1:
+            return turns
+        return min(turns, math.ceil(self.random_share * budget))
+
+    @property
+    def depends_on_budget(self) -> bool:
+        """Whether a run with a smaller budget differs from the start of a longer one."""
+        return self.model is not None and self.random_share < 1
 
 
 def _tpe(seed: int | None, startup: int = 8) -> optuna.samplers.BaseSampler:
@@ -142,7 +160,8 @@ def sampler_plan(name: str) -> SamplerPlan:
         # Random search first, then TPE; one proposal in HYBRID_EVERY stays random, so a model
         # that settled on one plateau keeps sampling the rest of the space.
         return SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=HYBRID_STARTUP,
-                           random_fraction=HYBRID_STARTUP_FRACTION, random_every=HYBRID_EVERY)
+                           random_fraction=HYBRID_STARTUP_FRACTION, random_share=HYBRID_STARTUP_SHARE,
+                           random_every=HYBRID_EVERY, by_algorithm=True)
     return SamplerPlan(model=functools.partial(make_sampler, name))
 
 
@@ -262,12 +281,13 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
                       f"measures the first {trials} only (raise --trials to cover them all)", stacklevel=3)
     warm = [Config.make(c.algorithm, by_name[c.algorithm].full_knobs(problem, c.as_dict()))
             for c in warm_start if c.algorithm in by_name]
-    proposer = _Proposer(sampler, seed, problem, by_name, valid, seen, warm)
+    proposer = _Proposer(sampler, seed, problem, by_name, valid, seen, warm, budget)
     # progress: True for a bar of our own, or a tqdm bar to share (one bar over many problems).
     own_bar = progress is True
-    bar = _progress_bar(problem, budget, len(seen)) if own_bar else (progress or None)
+    bar = (progress_bar(desc=f"tuning {problem.op}", unit="cfg", total=budget, initial=len(seen))
+           if own_bar else (None if progress is None or progress is False else progress))
     deadline = None if timeout is None else time.monotonic() + timeout
-    stop = StopRule(budget=budget, calls=stop_calls) if stop_calls else None
+    stop = StopRule(budget=budget, calls=stop_calls, start=proposer.start) if stop_calls else None
     compiling = CompileBudget(compile_budget) if compile_budget is not None else None
     # The isolated evaluator's per-candidate timeout is shortened near the deadline; it is put
     # back afterwards, for the finalists' re-timing and for whoever shares the evaluator (seen on
@@ -305,7 +325,7 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
         if own_bar:
             bar.close()
     reasons = [r.reason for r in (compiling, stop) if r is not None and r.reason]
-    return _result(problem, study, by_name, evaluate, confirm_top, device,
+    return _result(problem, study, by_name, evaluate, confirm_top, device, progress=_shows(progress),
                    invalid=proposer.invalid, valid=len(valid), stopped="; ".join(reasons))
 
 
@@ -330,7 +350,7 @@ class _Proposer:
     """
 
     def __init__(self, sampler: str | SamplerPlan, seed, problem, by_name, valid: list[Config],
-                 seen: dict[str, Outcome], warm: Sequence[Config] = ()):
+                 seen: dict[str, Outcome], warm: Sequence[Config] = (), budget: int | None = None):
         self.problem, self.by_name, self.seen = problem, by_name, seen
         keys = [c.key() for c in valid]
         self.valid_keys = set(keys)
@@ -349,7 +369,9 @@ class _Proposer:
         self.plan = sampler if isinstance(sampler, SamplerPlan) else (
             SamplerPlan() if self.grid else sampler_plan(sampler))
         self.turns = 0
-        self.random_first = self.plan.random_turns(len(valid))
+        self.random_first = self.plan.random_turns(len(valid), budget)
+        # Configs measured before the model proposes (a stall among them means little: stopping).
+        self.start = self.defaults + (self.random_first if self.plan.model is not None else 0)
         self.scratch = None
         if self.plan.model is not None:
             self.scratch = optuna.create_study(sampler=self.plan.model(seed), direction="minimize")
@@ -377,7 +399,7 @@ class _Proposer:
         plan = self.plan
         if plan.model is None or self.turns <= self.random_first or (
                 plan.random_every and (self.turns - self.random_first) % plan.random_every == 0):
-            return self.rng.choice(list(self.unmeasured.values()))
+            return self._random()
         trial = self.scratch.ask()
         algorithm = trial.suggest_categorical("algorithm", list(self.by_name))
         spec = self.by_name[algorithm]
@@ -396,6 +418,14 @@ class _Proposer:
             self.invalid += 1
             self.scratch.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return self.near.nearest(config, self.unmeasured, self.rng)
+
+    def _random(self) -> Config:
+        left = list(self.unmeasured.values())
+        algorithms = sorted({c.algorithm for c in left}) if self.plan.by_algorithm else []
+        if len(algorithms) > 1:
+            algorithm = self.rng.choice(algorithms)
+            left = [c for c in left if c.algorithm == algorithm]
+        return self.rng.choice(left)
 
     def tell(self, config: Config, outcome: Outcome) -> None:
         self.unmeasured.pop(config.key(), None)
@@ -531,7 +561,7 @@ def _config_from_key(key: str) -> Config:
     return Config.make(data["algorithm"], data["knobs"])
 
 
-def _result(problem, study, by_name, evaluate, confirm_top, device, *, invalid: int, valid: int,
+def _result(problem, study, by_name, evaluate, confirm_top, device, *, progress: bool, invalid: int, valid: int,
             stopped: str = "") -> TuneResult:
     records = []
     for t in study.get_trials(deepcopy=False):
@@ -552,7 +582,8 @@ def _result(problem, study, by_name, evaluate, confirm_top, device, *, invalid: 
     distrust = ""
     if confirm_top > 0:
         confirmed, distrust = confirm([Candidate(config=r.config, measurement=r.measurement)
-                                       for r in own + vendor], problem, by_name, evaluate)
+                                       for r in own + vendor], problem, by_name, evaluate,
+                                      progress=progress)
     else:
         confirmed = [Candidate(config=r.config, measurement=r.measurement) for r in own + vendor]
     confirmed.sort(key=lambda c: c.measurement.median)
@@ -569,11 +600,11 @@ def _result(problem, study, by_name, evaluate, confirm_top, device, *, invalid: 
                       stopped=stopped)
 
 
-def _progress_bar(problem: Problem, total: int, done: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=min(done, total), desc=f"tuning {problem.op}", unit="cfg",
-                dynamic_ncols=True, leave=False)
+def _shows(progress) -> bool:
+    """Whether the caller wants progress shown: True, or a bar of its own that is enabled."""
+    if progress is None or isinstance(progress, bool):
+        return bool(progress)
+    return not getattr(progress, "disable", True)
 
 
 def _show_best(bar, seen: dict[str, Outcome]) -> None:

@@ -11,10 +11,14 @@ property of the search alone, not of timing noise between runs.
     .venv/bin/python benchmarks/search_efficiency.py --quick    # smoke run, < 60 s
     .venv/bin/python benchmarks/search_efficiency.py --landscape my_table.json --sampler tpe hybrid
 
-Budgets are fractions of the valid space (2%, 5%, 15%; at least one config). The tuner's search is
-sequential and never looks at its budget, so the first n configs of a run with budget N > n are
-exactly a run with budget n: each (landscape, sampler, seed) runs once at the largest budget and
-the smaller budgets read the best of its first configs (tests/test_samplers.py checks this).
+Budgets are fractions of the valid space (2%, 5%, 15%; at least one config). Most plans never
+look at their budget, so the first n configs of a run with budget N > n are exactly a run with
+budget n: such a (landscape, sampler, seed) runs once at the largest budget and the smaller
+budgets read the best of its first configs (tests/test_samplers.py checks this). A plan whose
+random start scales with the budget (hybrid) runs once per budget.
+
+With the default sampler's runs it also prices cost-aware stopping (`--stop auto --calls N`)
+against the fixed 15% budget, with a stated model of what measuring a config costs (STOP_CALLS).
 Sampler time is the wall time of tune() minus the time spent in evaluate, per config measured:
 the tuner's own cost (proposals, rejected proposals, the study), on this shared 2-core machine.
 Writes results/search_efficiency.json and prints a Markdown table (the README's).
@@ -34,7 +38,8 @@ import landscapes
 import optuna
 
 from autotune import device
-from autotune.tuner import SamplerPlan, make_sampler, tune
+from autotune.stopping import StopRule
+from autotune.tuner import SamplerPlan, make_sampler, sampler_plan, tune
 
 FRACTIONS = (0.02, 0.05, 0.15)
 SEEDS = 10
@@ -44,7 +49,10 @@ VARIANTS = {
     "tpe-s32": SamplerPlan(model=lambda seed: optuna.samplers.TPESampler(
         seed=seed, multivariate=True, group=True, n_startup_trials=32)),
     "tpe-indep": SamplerPlan(model=lambda seed: optuna.samplers.TPESampler(seed=seed)),  # Optuna's default
-    "hybrid": "hybrid",  # random for max(16, 1% of the valid space), then TPE with one turn in 3 random
+    "hybrid": "hybrid",  # random for max(16, 1% of the space) but ≤ 25% of the budget, then TPE, 1 turn in 3 random
+    # hybrid before the random start scaled with the budget and drew the algorithm first
+    "hybrid-v1": SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=16,
+                             random_fraction=0.01, random_every=3),
     "hybrid-16": SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=16, random_every=3),
     "hybrid-r2": SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=16, random_every=2),
     "random": "random",
@@ -89,11 +97,21 @@ def replay(landscape: landscapes.Landscape, sampler: str, seed: int, budget: int
             "rejected": result.rejected}
 
 
+def _plan(sampler: str) -> SamplerPlan:
+    plan = VARIANTS[sampler]
+    return sampler_plan(plan) if isinstance(plan, str) else plan
+
+
+def _depends_on_budget(sampler: str) -> bool:
+    return _plan(sampler).depends_on_budget
+
+
 def best_within(trace: list[float], n: int) -> float:
     return min(trace[:n], default=math.inf)
 
 
-def run_landscape(landscape, samplers, seeds: int, fractions=FRACTIONS, *, progress=print) -> dict:
+def run_landscape(landscape, samplers, seeds: int, fractions=FRACTIONS, *, progress=print,
+                  stop_sampler: str = "hybrid") -> dict:
     sizes = budgets(landscape.valid, fractions)
     largest = max(sizes.values())
     optimum = landscape.optimum
@@ -105,19 +123,79 @@ def run_landscape(landscape, samplers, seeds: int, fractions=FRACTIONS, *, progr
             continue
         start = time.perf_counter()
         runs = [replay(landscape, sampler, seed, largest) for seed in range(seeds)]
+        # A plan whose random start scales with the budget runs once per budget; any other
+        # plan's smaller budgets are the start of its largest run.
+        per_budget = {n: runs if n == largest or not _depends_on_budget(sampler) else
+                      [replay(landscape, sampler, seed, n) for seed in range(seeds)] for n in sizes.values()}
         row = {"per_config_ms": 1e3 * statistics.median(r["sampler_s"] / r["configs"] for r in runs),
                "per_config_cpu_ms": 1e3 * statistics.median(r["sampler_cpu_s"] / r["configs"] for r in runs),
                "rejected_median": statistics.median(r["rejected"] for r in runs), "by_budget": {}}
         for f, n in sizes.items():
-            ratios = [best_within(r["trace"], n) / optimum for r in runs]
+            ratios = [best_within(r["trace"], n) / optimum for r in per_budget[n]]
             row["by_budget"][str(f)] = {"configs": n, "median": statistics.median(ratios),
                                         "worst": max(ratios), "ratios": ratios}
         out["samplers"][sampler] = row
+        if sampler == stop_sampler:
+            out["stopping"] = {"sampler": sampler, **stopping_rows(landscape, sampler, [r["trace"] for r in runs])}
         cells = "  ".join(f"{f:.0%} {row['by_budget'][str(f)]['median']:.3f}/{row['by_budget'][str(f)]['worst']:.3f}"
                           for f in sizes)
         progress(f"  {sampler:<10} {cells}  {row['per_config_ms']:.1f} ms/config  "
                  f"({time.perf_counter() - start:.0f} s)")
     return out
+
+
+# Cost-aware stopping (`--stop auto --calls N`) against the fixed 15% budget, on each landscape's
+# default-sampler runs. A replayed config costs nothing, so the search's time is modelled: measuring
+# a config costs MEASURE_RUNS runs of its kernel (warm-up, timing and the correctness check) plus a
+# fixed cost per config: the worker round trip and reference check on the CPU tables, a Triton
+# compile on the modelled GPU ones. StopRule never changes what is proposed, so the stopped search
+# is the start of the fixed-budget run, cut where the rule (fed these modelled seconds) says stop.
+STOP_CALLS = (10**3, 10**5, 10**7)
+MEASURE_RUNS = 100
+FIXED_S = {"cpu": 0.05, "gpu": 1.0}
+
+
+def _calls_label(calls: int) -> str:
+    return f"{calls:.0e}".replace("e+0", "e").replace("e+", "e")
+
+
+def config_seconds(landscape, ms: float) -> float:
+    fixed = FIXED_S["gpu" if landscape.source.startswith("modelled") else "cpu"]
+    return fixed + (MEASURE_RUNS * ms / 1e3 if math.isfinite(ms) else 0.0)
+
+
+def stopped(landscape, sampler: str, trace: list[float], calls: int) -> int:
+    """How many configs of `trace` a search with --stop auto --calls `calls` measures."""
+    plan = _plan(sampler)
+    # as the tuner's: the defaults (one per algorithm here) and the random start come first
+    start = len(landscape.algorithms) + (plan.random_turns(landscape.valid, len(trace)) if plan.model else 0)
+    rule = StopRule(budget=len(trace), calls=calls, start=start)
+    best = math.inf
+    for i, ms in enumerate(trace, 1):
+        best = min(best, ms)
+        if rule.update(best if math.isfinite(best) else None, config_seconds(landscape, ms)):
+            return i
+    return len(trace)
+
+
+def stopping_rows(landscape, sampler: str, traces: list[list[float]], calls_list=STOP_CALLS) -> dict:
+    """Median configs, modelled search seconds and best/optimum: fixed budget, then per --calls."""
+    def seconds(t, n):
+        return sum(config_seconds(landscape, ms) for ms in t[:n])
+
+    rows = {}
+    for label, calls in [("fixed", None), *((_calls_label(c), c) for c in calls_list)]:
+        cut = [len(t) if calls is None else stopped(landscape, sampler, t, calls) for t in traces]
+        runs = list(zip(traces, cut, strict=True))
+        rows[label] = {
+            "configs": statistics.median(cut),
+            "search_s": statistics.median(seconds(t, n) for t, n in runs),
+            "best": statistics.median(best_within(t, n) / landscape.optimum for t, n in runs),
+            # per seed, against the same seed's fixed-budget search
+            "time_saved": statistics.median(1 - seconds(t, n) / seconds(t, len(t)) for t, n in runs),
+            "speed_lost": statistics.median(best_within(t, n) / best_within(t, len(t)) - 1 for t, n in runs),
+        }
+    return rows
 
 
 def markdown(report: dict) -> str:
@@ -140,6 +218,21 @@ def markdown(report: dict) -> str:
                 cells.append(f"{b['median']:.3f} / {b['worst']:.3f} ({b['configs']})")
             lines.append(f"| {label} | {sampler} | " + " | ".join(cells)
                          + f" | {row['per_config_ms']:.1f} / {row.get('per_config_cpu_ms', math.nan):.1f} |")
+    return "\n".join(lines)
+
+
+def stopping_markdown(report: dict) -> str:
+    """The README's stopping table: configs, modelled search seconds, best/optimum (medians)."""
+    labels = ["fixed", *(_calls_label(c) for c in STOP_CALLS)]
+    lines = ["| landscape | fixed 15% | " + " | ".join(f"--stop auto --calls {_calls_label(c)}" for c in STOP_CALLS) + " |",
+             "|" + "---|" * (1 + len(labels))]
+    for name, land in report["landscapes"].items():
+        stop = land.get("stopping")
+        if stop:
+            cells = [f"{stop[k]['configs']:.0f} cfg, {stop[k]['search_s']:.0f} s, {stop[k]['best']:.3f}" if k == "fixed"
+                     else (f"{stop[k]['configs']:.0f} cfg, {stop[k]['search_s']:.0f} s (−{stop[k]['time_saved']:.0%}), "
+                           f"{stop[k]['best']:.3f} (+{stop[k]['speed_lost']:.1%})") for k in labels]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -206,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         land = landscapes.synthetic() if name == "synthetic" else landscapes.get(name)
         print(f"{land.name}: {land.valid} valid of {land.grid} configs, optimum {land.optimum:.4g} ms, "
               f"budgets {budgets(land.valid)}", flush=True)
-        report["landscapes"][land.name] = run_landscape(land, samplers, seeds,
+        report["landscapes"][land.name] = run_landscape(land, samplers, seeds, stop_sampler=args.default,
                                                         progress=lambda s: print(s, flush=True))
     report["seconds"] = round(time.perf_counter() - start, 1)
     out = args.out or RESULTS / f"search_efficiency{'_quick' if args.quick else ''}.json"
@@ -215,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(report))
     print(f"\n{seeds} seeds; cells: median / worst best-found/optimum (configs measured). "
           f"{report['seconds']:.0f} s. Wrote {out}")
+    if any("stopping" in land for land in report["landscapes"].values()):
+        print(f"\n--stop auto vs the fixed 15% budget ({args.default}; medians over {seeds} seeds: configs "
+              f"measured, modelled search seconds, best/optimum):\n")
+        print(stopping_markdown(report))
     misses = verdict(report, args.default)
     print(f"\ntargets for {args.default}: " + ("all met" if not misses else "missed: " + "; ".join(misses)))
     return 0

@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import StepLR
-from tqdm import tqdm
 
 import autotune
 
@@ -91,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--summary-json", metavar="PATH", help="write losses, accuracy, choices as JSON")
     p.add_argument("--report", metavar="DIR", help="write DIR/index.html: environment, network graph, "
                    "loss and accuracy, profiler top 10, batch sizes 1/16/64 tuned vs untuned")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they show on a terminal, or where AUTOTUNE_PROGRESS=1)")
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "test_batch_size"):
         if getattr(args, name) < (0 if name == "epochs" else 1):
@@ -161,8 +160,8 @@ def train_epoch(epoch, model, optimizer, data, args, device, writer, step0) -> d
     generator = torch.Generator().manual_seed(args.seed + epoch)
     count = lenet_data.num_batches(len(data.train), args.batch_size, args.limit_batches)
     losses, step_times = [], []
-    bar = tqdm(total=count, desc=f"epoch {epoch}", unit="batch", disable=args.no_progress,
-               dynamic_ncols=True)
+    bar = autotune.progress_bar(total=count, desc=f"epoch {epoch}", unit="batch", enabled=_progress(args),
+                                leave=True)
     start = time.perf_counter()
     for i, (images, labels) in enumerate(lenet_data.batches(
             data.train, args.batch_size, limit=args.limit_batches, generator=generator)):
@@ -185,16 +184,25 @@ def train_epoch(epoch, model, optimizer, data, args, device, writer, step0) -> d
             "step_ms_median": 1e3 * statistics.median(step_times) if step_times else None}
 
 
+def _progress(args) -> bool | None:
+    """Bars on a terminal (or where AUTOTUNE_PROGRESS=1 forces them), none with --no-progress."""
+    return False if args.no_progress else None
+
+
 @torch.no_grad()
 def evaluate(model, data, args, device) -> dict:
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
-    for images, labels in lenet_data.batches(data.test, args.test_batch_size, limit=args.limit_batches):
-        x, y = data.normalize(images).to(device), labels.to(device)
-        output = model(x)
-        loss_sum += F.nll_loss(output, y, reduction="sum").item()
-        correct += (output.argmax(dim=1) == y).sum().item()
-        seen += len(y)
+    count = lenet_data.num_batches(len(data.test), args.test_batch_size, args.limit_batches)
+    # Shown only when the test pass lasts over a second (its first batch measures new shapes).
+    with autotune.progress_bar(total=count, desc="test", unit="batch", enabled=_progress(args), delay=1.0) as bar:
+        for images, labels in lenet_data.batches(data.test, args.test_batch_size, limit=args.limit_batches):
+            x, y = data.normalize(images).to(device), labels.to(device)
+            output = model(x)
+            loss_sum += F.nll_loss(output, y, reduction="sum").item()
+            correct += (output.argmax(dim=1) == y).sum().item()
+            seen += len(y)
+            bar.update()
     return {"test_loss": loss_sum / seen, "test_accuracy": correct / seen, "test_samples": seen}
 
 
@@ -288,7 +296,7 @@ def run(args) -> dict:
     summary = {"dataset": data.name, "device": str(device), "tuned": args.tuned, "policy": args.policy}
     before = autotune.stats()
     # One policy block around everything: the memo it holds is the per-layer table we report.
-    with autotune.policy(args.policy, cache_dir=args.cache_dir, quiet=True):
+    with autotune.policy(args.policy, cache_dir=args.cache_dir, quiet=True, progress=_progress(args)):
         model, result = train(args, data, device)
         summary.update(result)
         summary["test_accuracy"] = result["epochs"][-1]["test_accuracy"] if result["epochs"] else None

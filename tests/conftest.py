@@ -22,6 +22,7 @@ from autotune import dispatch
 def _isolated(tmp_path, monkeypatch):
     """Every test gets its own cache dir and a fresh dispatch memo."""
     monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "results"))
+    monkeypatch.delenv("AUTOTUNE_PROGRESS", raising=False)  # bars follow the (captured) stderr: off
     dispatch.reset()
     dispatch.set_policy("cached")
     dispatch._state.cache_dir = None

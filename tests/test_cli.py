@@ -228,20 +228,35 @@ def _steady(problem, spec, knobs):
     return Outcome(status=Status.OK, measurement=Measurement(median=ms, p20=ms, p80=ms, n=9))
 
 
-def test_bench_remeasures_cached_shapes_against_torch(capsys, cache_dir):
+def test_bench_remeasures_cached_shapes_against_torch(capsys, cache_dir, monkeypatch):
     import autotune
 
     problem = autotune.parse_problem("conv2d", "2x3x10x10", filters="4x3x3")
     entry = autotune.search(problem, cache=autotune.Cache(cache_dir), trials=3, evaluate=_steady)
     assert entry.trustworthy and entry.algorithm != "vendor"
-    code, out, _ = run(capsys, "bench", "--rounds", "1", "--json", "--cache-dir", str(cache_dir))
+    monkeypatch.setenv("AUTOTUNE_PROGRESS", "1")  # bars forced on: --json still keeps them away
+    code, out, err = run(capsys, "bench", "--rounds", "1", "--json", "--cache-dir", str(cache_dir))
     data = json.loads(out)
+    assert "bench" not in err
     assert code == 0 and len(data["rows"]) == 1
     row = data["rows"][0]
     assert row["torch_ms"] > 0 and row["chosen_ms"] > 0 and row["own_algorithm"] != "vendor"
     assert row["torch_over_own"] == pytest.approx(row["torch_ms"] / row["own_ms"])
     assert data["summary"]["shapes"] == 1
     assert json.loads((cache_dir / "bench-cpu.json").read_text())["rows"][0]["problem"] == row["problem"]
+
+
+def test_progress_goes_to_stderr_and_never_into_json(capsys, cache_dir, monkeypatch):
+    monkeypatch.setenv("AUTOTUNE_PROGRESS", "1")  # as on a terminal
+    argv = ["search", "gemm", "--shape", "64x64x64", "--trials", "3", "--cache-dir", str(cache_dir)]
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0 and json.loads(out)["trials"] and "tuning" not in err
+    code, out, err = run(capsys, *argv, "--force")
+    assert code == 0 and "tuning gemm: 100%|██████████| 3/3" in err and "re-timing gemm finalists" in err
+    assert "tuning gemm" not in out
+    code, out, err = run(capsys, "bench", "--rounds", "1", "--cache-dir", str(cache_dir))
+    trusted = json.loads(run(capsys, "show", "--json", "--cache-dir", str(cache_dir))[1])["entries"]
+    assert code == 0 and f"bench: 100%|██████████| {len(trusted)}/{len(trusted)}" in err
 
 
 def test_bench_without_cached_shapes_says_what_to_do(capsys, cache_dir):

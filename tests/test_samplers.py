@@ -10,7 +10,7 @@ import pytest
 
 from autotune import registry
 from autotune.space import Config
-from autotune.tuner import SAMPLERS, SamplerPlan, tune
+from autotune.tuner import SAMPLERS, SamplerPlan, sampler_plan, tune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import landscapes  # noqa: E402
@@ -34,13 +34,35 @@ def test_every_sampler_measures_exactly_the_budget_of_valid_configs(sampler):
     assert result.best.measurement.median >= land.optimum
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "hybrid", "cmaes", "random"])
+@pytest.mark.parametrize("sampler", ["tpe", "cmaes", "random"])
 def test_a_smaller_budget_is_a_prefix_of_a_larger_one(sampler):
-    # The replay benchmark reads the 2% and 5% results off the 15% run: that needs this.
+    # The replay benchmark reads the 2% and 5% results off the 15% run of these plans: that needs
+    # this. (hybrid's random start scales with the budget: it replays each budget on its own.)
+    assert not search_efficiency._depends_on_budget(sampler) and search_efficiency._depends_on_budget("hybrid")
     land = landscapes.synthetic()
     long = [t.config for t in sorted(_replay(land, sampler, 30).trials, key=lambda t: t.number)]
     short = [t.config for t in sorted(_replay(land, sampler, 12).trials, key=lambda t: t.number)]
     assert short == long[:12]
+
+
+def test_hybrid_random_start_scales_with_the_budget():
+    plan = sampler_plan("hybrid")
+    assert plan.random_turns(75, 11) == 3  # the LeNet conv table at 15%: the model gets turns
+    assert plan.random_turns(2016, 302) == 20  # 1% of a large space, well under a quarter of 302
+    assert plan.random_turns(750, 15) == 4 and plan.random_turns(750, None) == 16
+
+
+def test_random_turns_by_algorithm_reach_the_small_algorithms():
+    # LeNet's conv table: im2col_gemm has 42 configs, tensordot 5 and fft 4 (defaults measured first).
+    land = landscapes.get("cpu-conv2d-lenet2")
+
+    def small(by_algorithm):
+        result = _replay(land, SamplerPlan(by_algorithm=by_algorithm), trials=25)
+        return sum(t.config.algorithm in ("tensordot", "fft") for t in result.trials) - 2  # less their defaults
+
+    # 20 random turns: algorithm first, the 7 left of the two small ones come up about 2 turns in 5
+    # (6 of them with seed 0); uniform over configs, about 1 turn in 10 (3).
+    assert small(True) >= 5 > 3 >= small(False)
 
 
 class _Stubborn(optuna.samplers.BaseSampler):
@@ -104,4 +126,12 @@ def test_replay_runner_quick_on_a_synthetic_table(tmp_path, capsys):
         assert [by_budget[str(f)]["configs"] for f in search_efficiency.FRACTIONS] == [3, 8, 25]
         medians = [by_budget[str(f)]["median"] for f in search_efficiency.FRACTIONS]
         assert medians == sorted(medians, reverse=True) and medians[-1] >= 1.0
-    assert "| synthetic (165 / 180) |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| synthetic (165 / 180) |" in out
+    # --stop auto against the fixed budget, on the default sampler's runs: the more calls a kernel
+    # will serve, the longer the search runs (never longer than the fixed budget).
+    stop = report["landscapes"]["synthetic"]["stopping"]
+    configs = [stop[k]["configs"] for k in ("1e3", "1e5", "1e7")]
+    assert stop["sampler"] == "hybrid" and configs == sorted(configs) and configs[-1] <= stop["fixed"]["configs"] == 25
+    assert all(stop[k]["time_saved"] >= 0 and stop[k]["speed_lost"] >= 0 for k in ("1e3", "1e5", "1e7"))
+    assert "| synthetic | 25 cfg," in out

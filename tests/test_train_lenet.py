@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,10 @@ def _common(tmp_path: Path, data_dir: Path) -> list[str]:
 
 
 @needs_fashion
-def test_tuned_training_logs_profiles_and_reuses_the_cache(train_lenet, data_dir, tmp_path, capsys):
+def test_tuned_training_logs_profiles_and_reuses_the_cache(train_lenet, data_dir, tmp_path, capsys, monkeypatch):
     tb, prof, summary = tmp_path / "tb", tmp_path / "profile", tmp_path / "summary.json"
-    argv = _common(tmp_path, data_dir) + [
+    monkeypatch.setenv("AUTOTUNE_PROGRESS", "1")  # bars as on a terminal, except where --no-progress
+    argv = [a for a in _common(tmp_path, data_dir) if a != "--no-progress"] + [
         "--tuned", "--epochs", "1", "--limit-batches", "12", "--tensorboard", str(tb),
         "--profile", "--profile-dir", str(prof), "--summary-json", str(summary)]
     assert train_lenet.main(argv) == 0
@@ -72,7 +74,13 @@ def test_tuned_training_logs_profiles_and_reuses_the_cache(train_lenet, data_dir
     assert "top 10 operators by self CPU time" in table
     assert "autotune::conv2d" in table and "autotune::gemm" in table
     assert json.loads((prof / "trace.json").read_text())["traceEvents"]
-    assert "autotune::" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "autotune::" in out
+    # The first batch's shapes and the test pass's new ones, each run of them under one bar.
+    bursts = re.findall(r"measuring new shapes: (\d+) done", err)
+    finals = [int(n) for n, after in zip(bursts, [*bursts[1:], "0"], strict=True) if int(after) < int(n)]
+    assert sum(finals) == result["selections"]["benchmark"] and len(finals) == 2, finals
+    assert "epoch 1: 100%|██████████| 12/12" in err and "test: 100%|██████████| 12/12" in err
 
     # A second run finds every trustworthy choice in the cache: it benchmarks only the shapes the
     # noise guard refused the first time (none on a quiet machine).
@@ -80,10 +88,12 @@ def test_tuned_training_logs_profiles_and_reuses_the_cache(train_lenet, data_dir
     argv = _common(tmp_path, data_dir) + ["--tuned", "--epochs", "1", "--dry-run",
                                           "--summary-json", str(second)]
     assert train_lenet.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "epoch 1" not in err  # --no-progress
     selections = json.loads(second.read_text())["selections"]
     assert selections["benchmark"] <= result["selections"]["untrusted"] and selections["cache"] > 0, selections
     if result["selections"]["untrusted"] == 0:
-        assert "benchmark 0" in capsys.readouterr().out
+        assert "benchmark 0" in out
 
 
 @needs_fashion
