@@ -1,0 +1,164 @@
+"""Many workers, one database: real `python -m autotune` processes sharing one Optuna storage
+(SQLite always; PostgreSQL where $AUTOTUNE_TEST_POSTGRES_URL names a server, as .ci/run sets up
+with .ci/postgres.sh). One budget, no config measured twice, a killed worker's claim taken over,
+`--force` as a new generation, and results pulled into an empty cache."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy as sa
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+POSTGRES_ENV = "AUTOTUNE_TEST_POSTGRES_URL"
+STUDY = "gemm-48x48x48-nn-float32-cpu1t-hybrid-seed0"
+
+
+def _postgres_database() -> str:
+    """A new, empty database on the test server (so each test starts clean)."""
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(f"no PostgreSQL server: set {POSTGRES_ENV} (bash .ci/postgres.sh start prints it)")
+    name = f"t{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    except sa.exc.OperationalError as exc:
+        pytest.skip(f"PostgreSQL at {POSTGRES_ENV} is not reachable: {str(exc).splitlines()[0]}")
+    finally:
+        engine.dispose()
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def storage(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    return _postgres_database()
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]), **extra}
+
+
+def _start(storage: str, cache_dir: Path, *args: str, env: dict | None = None, new_session=False) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "autotune", "search", *args, "--threads", "1", "--json",
+            "--storage", storage, "--cache-dir", str(cache_dir)]
+    return subprocess.Popen(argv, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cache_dir.parent, start_new_session=new_session)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> dict:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out)
+
+
+def _configs(storage: str, study: str = STUDY) -> list[str]:
+    trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+    return [t.user_attrs["config"] for t in trials]
+
+
+def test_three_workers_share_one_budget(storage, tmp_path):
+    """The issue's check, small: three workers at once on a new storage all exit 0, the study
+    holds exactly --trials distinct measured configs, and all three report the same decision."""
+    procs = [_start(storage, tmp_path / f"w{i}", "gemm", "--shape", "48x48x48", "--trials", "12") for i in range(3)]
+    results = [_finish(p) for p in procs]
+    configs = _configs(storage)
+    assert len(configs) == 12 and len(set(configs)) == 12
+    assert len({(r["algorithm"], json.dumps(r["knobs"], sort_keys=True)) for r in results}) == 1
+    assert all(r["trials"] and sum(r["trials"].values()) == 12 for r in results)
+
+
+@pytest.mark.slow
+def test_three_workers_192_cubed_24_trials(storage, tmp_path):
+    """The issue's exact check: 3 workers, gemm 192x192x192, --trials 24."""
+    procs = [_start(storage, tmp_path / f"w{i}", "gemm", "--shape", "192x192x192", "--trials", "24")
+             for i in range(3)]
+    for p in procs:
+        _finish(p, timeout=600)
+    configs = _configs(storage, "gemm-192x192x192-nn-float32-cpu1t-hybrid-seed0")
+    assert len(configs) == 24 and len(set(configs)) == 24
+
+
+def test_killed_worker_claim_is_taken_over(storage, tmp_path):
+    """A worker killed inside a candidate holds a claim; once its heartbeat is older than the
+    timeout the other workers take it over and finish the budget (no config measured twice)."""
+    args = ("gemm", "--shape", "48x48x48", "--algorithms", "sleepy", "--trials", "6")
+    plugin = {"AUTOTUNE_PLUGINS": "sleepy_kernels", "AUTOTUNE_HEARTBEAT_TIMEOUT_S": "3"}
+    doomed = _start(storage, tmp_path / "doomed", *args, env=_env(**plugin, SLEEPY_SECONDS="600"), new_session=True)
+    engine = sa.create_engine(storage)
+    try:
+        deadline = time.monotonic() + 120
+        held = []
+        while not held and time.monotonic() < deadline and doomed.poll() is None:
+            time.sleep(0.3)
+            try:
+                with engine.connect() as conn:
+                    held = conn.execute(sa.text("SELECT key FROM autotune_claims WHERE state = 'live' "
+                                                "AND key LIKE '%sleepy%'")).all()
+            except sa.exc.SQLAlchemyError:
+                continue  # the table is not there yet
+        assert held, "the first worker never claimed a sleepy config"
+        os.killpg(doomed.pid, signal.SIGKILL)  # the worker and its candidate process
+        doomed.communicate()
+        others = [_start(storage, tmp_path / f"w{i}", *args, env=_env(**plugin)) for i in range(2)]
+        for p in others:
+            _finish(p)
+        with engine.connect() as conn:
+            states = conn.execute(sa.text("SELECT key, state FROM autotune_claims")).all()
+    finally:
+        engine.dispose()
+    configs = _configs(storage, "gemm-48x48x48-nn-float32-cpu1t-hybrid-seed0")
+    assert len(configs) == 6 and len(set(configs)) == 6
+    assert held[0][0] in configs  # the dead worker's config was measured by another
+    assert all(state == "done" for _, state in states)
+
+
+def test_force_is_a_new_generation(tmp_path):
+    """--force never deletes the study others may be running: it starts `<name>-g1`."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = _finish(_start(storage, tmp_path / "a", "gemm", "--shape", "48x48x48", "--trials", "3"))
+    second = _finish(_start(storage, tmp_path / "a", "gemm", "--shape", "48x48x48", "--trials", "4", "--force"))
+    assert first["study_name"] == STUDY and second["from_cache"] is False
+    assert len(_configs(storage)) == 3 and len(_configs(storage, STUDY + "-g1")) == 4
+
+
+def test_pull_into_an_empty_cache_then_push_back(tmp_path):
+    """Entries a worker wrote to the database's results table appear in an empty cache after
+    `cache pull`; `cache push` from that cache into another database round-trips them."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    tuned = _finish(_start(storage, tmp_path / "tuner", "gemm", "--shape", "48x48x48", "--trials", "3"))
+    assert tuned["cached"]
+    empty = tmp_path / "empty"
+
+    def cli(*args: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "autotune", *args, "--json"], env=_env(), capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    assert cli("cache", "pull", "--storage", storage, "--cache-dir", str(empty))["merged"] == 1
+    shown = cli("show", "--cache-dir", str(empty))["entries"]
+    assert [(e["algorithm"], e["median_ms"]) for e in shown] == [(tuned["algorithm"], tuned["median_ms"])]
+    other = tmp_path / "other.db"
+    assert cli("cache", "push", "--storage", str(other), "--cache-dir", str(empty))["merged"] == 1
+    assert cli("cache", "push", "--storage", str(other), "--cache-dir", str(empty))["merged"] == 0  # not newer
+    again = tmp_path / "again"
+    assert cli("cache", "pull", "--storage", str(other), "--cache-dir", str(again))["merged"] == 1
+    assert cli("show", "--cache-dir", str(again))["entries"] == shown
+
+
+def test_pull_without_storage_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "autotune", "cache", "pull", "--cache-dir", str(tmp_path)],
+                          env=_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "--storage" in done.stderr
