@@ -93,17 +93,32 @@ def make_engine(url: str) -> sa.Engine:
     return engine
 
 
-def create_tables(engine: sa.Engine, metadata: sa.MetaData) -> None:
-    """CREATE TABLE IF NOT EXISTS, retried: two workers creating them at once on a new database
-    can both pass the check, and one then fails (PostgreSQL: a duplicate key in pg_type)."""
+def creating_race(exc: BaseException) -> bool:
+    """Whether `exc` is what a worker sees when another creates the same tables or rows at the
+    same moment on a new database (CREATE TABLE IF NOT EXISTS and Optuna's alembic_version row
+    both check, then write): worth a retry, unlike a wrong URL."""
+    if isinstance(exc, sa.exc.IntegrityError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, sa.exc.SQLAlchemyError) and any(
+        words in text for words in ("already exists", "duplicate key", "database is locked"))
+
+
+def retry_creating(create):
+    """create(), retried with a growing pause while it loses a creating race."""
     for attempt in range(CREATE_ATTEMPTS):
         try:
-            metadata.create_all(engine)
-            return
-        except sa.exc.SQLAlchemyError:
-            if attempt == CREATE_ATTEMPTS - 1:
+            return create()
+        except sa.exc.SQLAlchemyError as exc:
+            if attempt == CREATE_ATTEMPTS - 1 or not creating_race(exc):
                 raise
             time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def create_tables(engine: sa.Engine, metadata: sa.MetaData) -> None:
+    """CREATE TABLE IF NOT EXISTS, retried when another worker creates them at the same moment."""
+    retry_creating(lambda: metadata.create_all(engine))
 
 
 class Claims:

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import optuna
-import sqlalchemy
 
 from autotune import claims, measure, registry
 from autotune.confirm import Candidate, Evaluate, confirm
@@ -565,13 +564,7 @@ def _storage(url: str | None):
     if url is None or not url.startswith(("sqlite", "postgresql", "mysql")):
         return url
     engine_kwargs = {"connect_args": {"timeout": claims.SQLITE_WAIT_S}} if url.startswith("sqlite") else {}
-    for attempt in range(claims.CREATE_ATTEMPTS):
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            if attempt == claims.CREATE_ATTEMPTS - 1:
-                raise
-            time.sleep(0.05 * 2**attempt)
+    return claims.retry_creating(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs))
 
 
 def _outcomes_from(study: optuna.Study) -> dict[str, Outcome]:

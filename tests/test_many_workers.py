@@ -16,6 +16,8 @@ import optuna
 import pytest
 import sqlalchemy as sa
 
+from autotune.cli import main
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 POSTGRES_ENV = "AUTOTUNE_TEST_POSTGRES_URL"
@@ -71,7 +73,8 @@ def _configs(storage: str, study: str = STUDY) -> list[str]:
 def test_three_workers_share_one_budget(storage, tmp_path):
     """The issue's check, small: three workers at once on a new storage all exit 0, the study
     holds exactly --trials distinct measured configs, and all three report the same decision."""
-    procs = [_start(storage, tmp_path / f"w{i}", "gemm", "--shape", "48x48x48", "--trials", "12") for i in range(3)]
+    procs = [_start(storage, tmp_path / f"w{i}", "gemm", "--shape", "48x48x48", "--trials", "12", "--in-process")
+             for i in range(3)]
     results = [_finish(p) for p in procs]
     configs = _configs(storage)
     assert len(configs) == 12 and len(set(configs)) == 12
@@ -81,7 +84,8 @@ def test_three_workers_share_one_budget(storage, tmp_path):
 
 @pytest.mark.slow
 def test_three_workers_192_cubed_24_trials(storage, tmp_path):
-    """The issue's exact check: 3 workers, gemm 192x192x192, --trials 24."""
+    """The issue's exact check: 3 workers, gemm 192x192x192, --trials 24 (candidates in the
+    isolated worker process, as users run them)."""
     procs = [_start(storage, tmp_path / f"w{i}", "gemm", "--shape", "192x192x192", "--trials", "24")
              for i in range(3)]
     for p in procs:
@@ -93,7 +97,7 @@ def test_three_workers_192_cubed_24_trials(storage, tmp_path):
 def test_killed_worker_claim_is_taken_over(storage, tmp_path):
     """A worker killed inside a candidate holds a claim; once its heartbeat is older than the
     timeout the other workers take it over and finish the budget (no config measured twice)."""
-    args = ("gemm", "--shape", "48x48x48", "--algorithms", "sleepy", "--trials", "6")
+    args = ("gemm", "--shape", "48x48x48", "--algorithms", "sleepy", "--trials", "6", "--in-process")
     plugin = {"AUTOTUNE_PLUGINS": "sleepy_kernels", "AUTOTUNE_HEARTBEAT_TIMEOUT_S": "3"}
     doomed = _start(storage, tmp_path / "doomed", *args, env=_env(**plugin, SLEEPY_SECONDS="600"), new_session=True)
     engine = sa.create_engine(storage)
@@ -124,41 +128,43 @@ def test_killed_worker_claim_is_taken_over(storage, tmp_path):
     assert all(state == "done" for _, state in states)
 
 
-def test_force_is_a_new_generation(tmp_path):
+def _cli(capsys, *args: str) -> dict:
+    """The CLI in this process (cheap commands, no concurrency to test)."""
+    code = main([*args, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_force_is_a_new_generation(tmp_path, capsys):
     """--force never deletes the study others may be running: it starts `<name>-g1`."""
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
-    first = _finish(_start(storage, tmp_path / "a", "gemm", "--shape", "48x48x48", "--trials", "3"))
-    second = _finish(_start(storage, tmp_path / "a", "gemm", "--shape", "48x48x48", "--trials", "4", "--force"))
+    search = ("search", "gemm", "--shape", "48x48x48", "--threads", "1", "--in-process", "--storage", storage,
+              "--cache-dir", str(tmp_path / "a"))
+    first = _cli(capsys, *search, "--trials", "3")
+    second = _cli(capsys, *search, "--trials", "4", "--force")
     assert first["study_name"] == STUDY and second["from_cache"] is False
     assert len(_configs(storage)) == 3 and len(_configs(storage, STUDY + "-g1")) == 4
 
 
-def test_pull_into_an_empty_cache_then_push_back(tmp_path):
+def test_pull_into_an_empty_cache_then_push_back(tmp_path, capsys):
     """Entries a worker wrote to the database's results table appear in an empty cache after
     `cache pull`; `cache push` from that cache into another database round-trips them."""
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
-    tuned = _finish(_start(storage, tmp_path / "tuner", "gemm", "--shape", "48x48x48", "--trials", "3"))
+    tuned = _cli(capsys, "search", "gemm", "--shape", "48x48x48", "--trials", "3", "--threads", "1",
+                 "--in-process", "--storage", storage, "--cache-dir", str(tmp_path / "tuner"))
     assert tuned["cached"]
-    empty = tmp_path / "empty"
-
-    def cli(*args: str) -> dict:
-        done = subprocess.run([sys.executable, "-m", "autotune", *args, "--json"], env=_env(), capture_output=True,
-                              text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return json.loads(done.stdout)
-
-    assert cli("cache", "pull", "--storage", storage, "--cache-dir", str(empty))["merged"] == 1
-    shown = cli("show", "--cache-dir", str(empty))["entries"]
+    empty, again, other = tmp_path / "empty", tmp_path / "again", str(tmp_path / "other.db")
+    assert _cli(capsys, "cache", "pull", "--storage", storage, "--cache-dir", str(empty))["merged"] == 1
+    shown = _cli(capsys, "show", "--cache-dir", str(empty))["entries"]
     assert [(e["algorithm"], e["median_ms"]) for e in shown] == [(tuned["algorithm"], tuned["median_ms"])]
-    other = tmp_path / "other.db"
-    assert cli("cache", "push", "--storage", str(other), "--cache-dir", str(empty))["merged"] == 1
-    assert cli("cache", "push", "--storage", str(other), "--cache-dir", str(empty))["merged"] == 0  # not newer
-    again = tmp_path / "again"
-    assert cli("cache", "pull", "--storage", str(other), "--cache-dir", str(again))["merged"] == 1
-    assert cli("show", "--cache-dir", str(again))["entries"] == shown
+    assert _cli(capsys, "cache", "push", "--storage", other, "--cache-dir", str(empty))["merged"] == 1
+    assert _cli(capsys, "cache", "push", "--storage", other, "--cache-dir", str(empty))["merged"] == 0  # not newer
+    assert _cli(capsys, "cache", "pull", "--storage", other, "--cache-dir", str(again))["merged"] == 1
+    assert _cli(capsys, "show", "--cache-dir", str(again))["entries"] == shown
 
 
-def test_pull_without_storage_is_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "autotune", "cache", "pull", "--cache-dir", str(tmp_path)],
-                          env=_env(), capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "--storage" in done.stderr
+def test_pull_without_storage_is_one_line(tmp_path, capsys):
+    assert main(["cache", "pull", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--storage" in err
