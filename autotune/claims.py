@@ -243,9 +243,9 @@ class Claims:
                 return "done"
             if confirm == LIVE:
                 return "wait"
-            live = conn.execute(sa.select(sa.func.count()).select_from(claims_table).where(
-                c.study == study, c.state == LIVE)).scalar()
-            if live:
+            measuring = conn.execute(sa.select(sa.func.count()).select_from(claims_table).where(
+                c.study == study, c.state == LIVE, ~c.key.startswith("#"))).scalar()
+            if measuring:
                 return "wait"
             if can_measure and self._spent(conn, study) < budget:
                 return "more"

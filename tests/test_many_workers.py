@@ -128,6 +128,26 @@ def test_killed_worker_claim_is_taken_over(storage, tmp_path):
     assert all(state == "done" for _, state in states)
 
 
+def test_workers_split_a_models_problems(storage, tmp_path):
+    """Two `search model` workers on one database: each problem is claimed by one worker, no
+    config of any problem is measured twice, and both print every problem's decision."""
+    args = ("model", "small_cnn:mlp", "--shape", "3x2x2", "--batch", "4", "--trials", "2", "--in-process")
+    procs = [_start(storage, tmp_path / f"w{i}", *args) for i in range(2)]
+    results = [_finish(p) for p in procs]
+    layers = [[(e["problem"], e["algorithm"], e["knobs"]) for e in r["layers"]] for r in results]
+    assert layers[0] == layers[1] and len(layers[0]) >= 4
+    engine = sa.create_engine(storage)
+    try:
+        with engine.connect() as conn:
+            problems = conn.execute(sa.text("SELECT study, state FROM autotune_claims WHERE key = '#problem'")).all()
+    finally:
+        engine.dispose()
+    assert len(problems) == len(layers[0]) and all(state == "done" for _, state in problems)
+    for study, _ in problems:
+        configs = _configs(storage, study)
+        assert configs and len(configs) == len(set(configs))
+
+
 def _cli(capsys, *args: str) -> dict:
     """The CLI in this process (cheap commands, no concurrency to test)."""
     code = main([*args, "--json"])
