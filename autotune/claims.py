@@ -179,15 +179,17 @@ class Claims:
     # Claims -----------------------------------------------------------------------------------
     def claim(self, study: str, key: str, budget: int | None = None) -> str:
         """MINE when this worker now holds `key` (or held it already), BUSY when another live
-        worker holds it or it is done, SPENT when `budget` configs of the study are done or held."""
+        worker holds it or it is done, SPENT when `budget` configs of the study are done or held
+        or a worker is already confirming (a config claim is one with a budget)."""
         c = claims_table.c
         with self._locked(study) as conn:
             self._release_stale(conn, study)
             row = conn.execute(sa.select(c.worker, c.state).where(c.study == study, c.key == key)).first()
             if row is not None:
                 return MINE if (row.worker, row.state) == (self.worker, LIVE) else BUSY
-            if budget is not None and self._spent(conn, study) >= budget:
-                return SPENT
+            if budget is not None and (self._spent(conn, study) >= budget or conn.execute(
+                    sa.select(c.state).where(c.study == study, c.key == CONFIRM)).first() is not None):
+                return SPENT  # (a worker that stopped early confirms: nothing more is measured)
             conn.execute(claims_table.insert().values(study=study, key=key, worker=self.worker, state=LIVE,
                                                       heartbeat=time.time()))
             return MINE
