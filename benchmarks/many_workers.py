@@ -2,7 +2,8 @@
 
 Each run gets a new, empty database on the server and its workers their own cache folders (as on
 separate machines); every worker runs the same `autotune search model ...` command. Printed per
-worker count: wall time until the last worker exits, the speed-up over one worker, problems and
+worker count: wall time until the last worker exits, the speed-up over one worker, the CPU time
+of all workers together (the work itself: constant when nothing is done twice), problems and
 configs measured, and duplicated work (a config measured twice in one study, or a problem tuned
 by two workers; both should be 0). Never asserted in tests: the machine is shared and noisy.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,12 @@ from pathlib import Path
 import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _children_cpu() -> float:
+    """CPU seconds of every finished child process (and their candidate processes)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def new_database(url: str) -> str:
@@ -42,12 +50,14 @@ def run(url: str, workers: int, model_args: list[str], threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         argv = [sys.executable, "-m", "autotune", "search", "model", *model_args, "--threads", str(threads),
                 "--json", "--storage", storage]
+        cpu_before = _children_cpu()
         started = time.perf_counter()
         procs = [subprocess.Popen([*argv, "--cache-dir", str(Path(tmp) / f"w{i}")], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for i in range(workers)]
         errors = [p.communicate()[1] for p in procs]
         wall = time.perf_counter() - started
+        cpu = _children_cpu() - cpu_before
     failed = [e[-500:] for p, e in zip(procs, errors, strict=True) if p.returncode != 0]
     engine = sa.create_engine(storage)
     with engine.connect() as conn:
@@ -57,7 +67,7 @@ def run(url: str, workers: int, model_args: list[str], threads: int) -> dict:
         problems, tuners = conn.execute(sa.text(
             "SELECT count(*), count(DISTINCT worker) FROM autotune_claims WHERE key = '#problem'")).one()
     engine.dispose()
-    return {"workers": workers, "wall_s": wall, "problems": problems, "tuners": tuners, "configs": trials,
+    return {"workers": workers, "wall_s": wall, "cpu_s": cpu, "problems": problems, "tuners": tuners, "configs": trials,
             "duplicated": trials - distinct, "failed": failed}
 
 
@@ -73,13 +83,15 @@ def main() -> None:
         parser.exit(2, "many_workers.py: give --url or set AUTOTUNE_TEST_POSTGRES_URL\n")
     print(f"autotune search model {' '.join(args.model_args)} --threads {args.threads}, "
           f"{os.cpu_count()} CPUs, PostgreSQL at {args.url.rsplit('@', 1)[-1]}")
-    print("| workers | wall s | speed-up | problems | workers that tuned | configs measured | measured twice |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print("| workers | wall s | speed-up | CPU s, all workers | problems | workers that tuned | configs measured "
+          "| measured twice |")
+    print("|---|---|---|---|---|---|---|---|")
     base = None
     for n in (int(w) for w in args.workers.split(",")):
         r = run(args.url, n, args.model_args, args.threads)
         base = base or r["wall_s"]
-        print(f"| {n} | {r['wall_s']:.1f} | {base / r['wall_s']:.2f}x | {r['problems']} | {r['tuners']} | "
+        print(f"| {n} | {r['wall_s']:.1f} | {base / r['wall_s']:.2f}x | {r['cpu_s']:.0f} | {r['problems']} | {r['tuners']} | "
               f"{r['configs']} | {r['duplicated']} |" + (f" FAILED: {r['failed']}" if r["failed"] else ""),
               flush=True)
 

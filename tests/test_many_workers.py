@@ -128,9 +128,11 @@ def test_killed_worker_claim_is_taken_over(storage, tmp_path):
     assert all(state == "done" for _, state in states)
 
 
-def test_workers_split_a_models_problems(storage, tmp_path):
+def test_workers_split_a_models_problems(tmp_path):
     """Two `search model` workers on one database: each problem is claimed by one worker, no
-    config of any problem is measured twice, and both print every problem's decision."""
+    config of any problem is measured twice, and both print every problem's decision (SQLite
+    only, to keep CI short: the claims are the same code on PostgreSQL, tested above)."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
     args = ("model", "small_cnn:mlp", "--shape", "3x2x2", "--batch", "4", "--trials", "2", "--in-process")
     procs = [_start(storage, tmp_path / f"w{i}", *args) for i in range(2)]
     results = [_finish(p) for p in procs]
@@ -188,3 +190,24 @@ def test_pull_without_storage_is_one_line(tmp_path, capsys):
     assert main(["cache", "pull", "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--storage" in err
+
+
+@pytest.mark.parametrize("value", ["0", "soon"])
+def test_bad_heartbeat_timeout_is_one_line(capsys, monkeypatch, tmp_path, value):
+    monkeypatch.setenv("AUTOTUNE_HEARTBEAT_TIMEOUT_S", value)
+    code = main(["search", "gemm", "--shape", "16x16x16", "--storage", str(tmp_path / "s.db"),
+                 "--cache-dir", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert code == 2 and "AUTOTUNE_HEARTBEAT_TIMEOUT_S" in err and len(err.strip().splitlines()) == 1
+
+
+def test_postgres_url_uses_the_installed_driver():
+    from autotune.cli import _storage_url
+
+    url = _storage_url("postgresql://tuner@db/autotune")
+    assert url.endswith("://tuner@db/autotune") and url.startswith("postgresql")
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        assert url == "postgresql+psycopg://tuner@db/autotune"
+    assert _storage_url("sqlite:///x.db") == "sqlite:///x.db"
