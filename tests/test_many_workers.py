@@ -72,9 +72,11 @@ def _configs(storage: str, study: str = STUDY) -> list[str]:
 
 def test_three_workers_share_one_budget(storage, tmp_path):
     """The issue's check, small: three workers at once on a new storage all exit 0, the study
-    holds exactly --trials distinct measured configs, and all three report the same decision."""
-    procs = [_start(storage, tmp_path / f"w{i}", "gemm", "--shape", "48x48x48", "--trials", "12", "--in-process")
-             for i in range(3)]
+    holds exactly --trials distinct measured configs, and all three report the same decision.
+    All three pass --force, as the issue's failing runs did: started together, they share one
+    generation (nothing is deleted under the others)."""
+    procs = [_start(storage, tmp_path / f"w{i}", "gemm", "--shape", "48x48x48", "--trials", "12", "--in-process",
+                    "--force") for i in range(3)]
     results = [_finish(p) for p in procs]
     configs = _configs(storage)
     assert len(configs) == 12 and len(set(configs)) == 12
