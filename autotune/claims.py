@@ -75,12 +75,17 @@ def generation_name(study: str, generation: int) -> str:
 
 
 def make_engine(url: str) -> sa.Engine:
-    """An engine whose transactions serialise writers: on SQLite every transaction is BEGIN
-    IMMEDIATE and waits up to SQLITE_WAIT_S for the others (pysqlite's own BEGIN is deferred, so
-    two readers could both decide to write)."""
+    """An engine whose transactions serialise writers (see serialise_sqlite)."""
     if not url.startswith("sqlite"):
         return sa.create_engine(url, pool_pre_ping=True)
-    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_WAIT_S})
+    return serialise_sqlite(sa.create_engine(url, connect_args={"timeout": SQLITE_WAIT_S}))
+
+
+def serialise_sqlite(engine: sa.Engine) -> sa.Engine:
+    """Every transaction on this SQLite engine is BEGIN IMMEDIATE and waits (the engine's
+    connect timeout) for the other writers. pysqlite's own BEGIN is deferred: two transactions
+    that read and then write can both take the read lock, and one then fails at once with
+    "database is locked", whatever the timeout. Connections already pooled are dropped."""
 
     @sa.event.listens_for(engine, "connect")
     def _autocommit_driver(dbapi_connection, _record):
@@ -90,6 +95,7 @@ def make_engine(url: str) -> sa.Engine:
     def _begin_immediate(connection):
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
+    engine.dispose()
     return engine
 
 
@@ -126,12 +132,17 @@ class Claims:
 
     def __init__(self, url: str, *, worker: str | None = None, timeout_s: float | None = None):
         self.url = url
-        self.engine = make_engine(url)
-        self.postgres = self.engine.dialect.name == "postgresql"
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.timeout_s = timeout_s if timeout_s is not None else heartbeat_timeout_s()
         self.poll_s = min(1.0, self.timeout_s / 8)
-        create_tables(self.engine, _metadata)
+        try:
+            self.engine = make_engine(url)
+            create_tables(self.engine, _metadata)
+        except (sa.exc.SQLAlchemyError, ImportError, ValueError) as exc:  # the URL is the user's to fix
+            raise AutotuneError(f"cannot open the Optuna storage {url!r}: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}; give --storage a URL "
+                                "such as sqlite:///results/studies.db") from None
+        self.postgres = self.engine.dialect.name == "postgresql"
 
     # One serialised transaction per decision ---------------------------------------------------
     @contextlib.contextmanager

@@ -560,11 +560,15 @@ def _open_study(name: str, storage: str | None) -> optuna.Study:
 def _storage(url: str | None):
     """Optuna's storage for `url`. Workers that open a new database at once race to create its
     tables and its alembic_version row: the loser retries (the tables are then there). SQLite
-    writers wait for each other's locks instead of failing after pysqlite's 5 s."""
+    writers queue for the lock instead of failing (claims.serialise_sqlite)."""
     if url is None or not url.startswith(("sqlite", "postgresql", "mysql")):
         return url
-    engine_kwargs = {"connect_args": {"timeout": claims.SQLITE_WAIT_S}} if url.startswith("sqlite") else {}
-    return claims.retry_creating(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs))
+    if not url.startswith("sqlite"):
+        return claims.retry_creating(lambda: optuna.storages.RDBStorage(url))
+    storage = claims.retry_creating(lambda: optuna.storages.RDBStorage(
+        url, engine_kwargs={"connect_args": {"timeout": claims.SQLITE_WAIT_S}}))
+    claims.serialise_sqlite(storage.engine)  # Optuna's own read-then-write transactions too
+    return storage
 
 
 def _outcomes_from(study: optuna.Study) -> dict[str, Outcome]:
