@@ -23,7 +23,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from autotune.entry import Entry, EntryFormatError
+from autotune.entry import Entry, EntryFormatError, newer, stamp
 from autotune.errors import CacheWriteError
 from autotune.problem import Problem, problem_to_dict
 
@@ -179,7 +179,37 @@ class Cache:
         key = entry_key(entry.problem, entry.device, entry.versions)
         record = entry.as_dict()
         if not record["created"]:
-            record["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            record["created"] = stamp()
+
+        def put(entries: dict) -> bool:
+            entries[key] = record
+            return True
+
+        self._update(put)
+        return key
+
+    def merge(self, entries) -> int:
+        """Merge entries measured elsewhere (`autotune cache pull`): per key, the newest
+        trustworthy entry wins. Returns how many were taken."""
+        taken = []
+
+        def put(stored: dict) -> bool:
+            for entry in entries:
+                key = entry_key(entry.problem, entry.device, entry.versions)
+                try:
+                    old = Entry.from_dict(stored[key]) if key in stored else None
+                except EntryFormatError:
+                    old = None
+                if entry.trustworthy and newer(entry, old):
+                    stored[key] = entry.as_dict()
+                    taken.append(key)
+            return bool(taken)
+
+        self._update(put)
+        return len(taken)
+
+    def _update(self, change) -> None:
+        """Under the lock: read the file, change(entries) in place, write it back if it says so."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             with self._lock():
@@ -187,12 +217,11 @@ class Cache:
                 if data is None:
                     self._set_aside("unreadable")
                     data = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "entries": {}}
-                data["entries"][key] = record
-                self._atomic_write(data)
+                if change(data["entries"]):
+                    self._atomic_write(data)
         except OSError as exc:
             raise CacheWriteError(f"cannot write the cache {self.path}: {exc.strerror or exc}; "
                                   "fix its permissions or pass another --cache-dir") from None
-        return key
 
     def _lock(self) -> FileLock:
         return _TimedLock(str(self._lock_path), timeout=LOCK_TIMEOUT_S, mode=_file_mode())

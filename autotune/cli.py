@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -160,10 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(bench)
 
     cache = sub.add_parser("cache", help="where the cache is, or clear it")
-    cache.add_argument("action", nargs="?", choices=("path", "clear"), default="path",
+    cache.add_argument("action", nargs="?", choices=("path", "clear", "pull", "push"), default="path",
                        help="path (default): print where the cache file is; clear: move it aside "
-                       "(kept as .cleared-<time>) and delete the Optuna studies next to it")
+                       "(kept as .cleared-<time>) and delete the Optuna studies next to it; pull: merge "
+                       "the results tuned on other machines from --storage's results table into the "
+                       "local cache; push: the local cache into that table (newest entry per key wins)")
     cache.add_argument("--keep-studies", action="store_true", help="with clear: keep studies.db")
+    cache.add_argument("--storage", help="with pull/push: the database URL the workers share, e.g. "
+                       "postgresql://user@host/db (a plain path: an SQLite file)")
     _common(cache)
 
     report = sub.add_parser("report", help="index.html with PNG figures of the cache, studies and training",
@@ -280,10 +286,15 @@ def _check_fits(problem: Problem, device: str) -> None:
 
 
 def _storage_url(storage: str) -> str:
-    """An Optuna storage URL; a plain path (results/studies.db) means an SQLite file there."""
-    if "://" in storage:
-        return storage
-    return f"sqlite:///{Path(storage).expanduser().resolve()}"
+    """An Optuna storage URL; a plain path (results/studies.db) means an SQLite file there. A
+    plain postgresql:// URL means SQLAlchemy's psycopg2 driver; where only psycopg (v3, the
+    `postgres` extra) is installed, it is used instead."""
+    if "://" not in storage:
+        return f"sqlite:///{Path(storage).expanduser().resolve()}"
+    scheme, rest = storage.split("://", 1)
+    if scheme in ("postgresql", "postgres") and importlib.util.find_spec("psycopg2") is None:
+        return f"postgresql+psycopg://{rest}"
+    return storage
 
 
 def _existing_cache_dir(path: Path) -> None:
@@ -317,24 +328,36 @@ def cmd_search(args) -> int:
     return 0
 
 
-def _search(args, cache: Cache, problem: Problem, specs, progress):
-    """autotune.search with the command line's options; the Optuna study lives next to the cache
-    (sqlite), so an interrupted search resumes."""
-    from autotune.decision import default_study_name, search
+def _study_storage(args) -> str:
+    """--storage as a URL, or the SQLite file next to the cache (so an interrupted search resumes)."""
+    if args.storage:
+        return _storage_url(args.storage)
+    try:
+        args.cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AutotuneError(f"cannot create --cache-dir {args.cache_dir}: {exc.strerror or exc}") from None
+    return f"sqlite:///{(args.cache_dir / STUDIES_FILE).resolve()}"
 
-    storage = _storage_url(args.storage) if args.storage else None
-    if storage is None:
-        try:
-            args.cache_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise AutotuneError(f"cannot create --cache-dir {args.cache_dir}: {exc.strerror or exc}") from None
-        storage = f"sqlite:///{(args.cache_dir / STUDIES_FILE).resolve()}"
-    name = default_study_name(problem, args.device, sampler=args.sampler, seed=args.seed, threads=args.threads)
+
+def _study_name(args, problem: Problem) -> str:
+    from autotune.decision import default_study_name
+
+    return default_study_name(problem, args.device, sampler=args.sampler, seed=args.seed, threads=args.threads)
+
+
+def _search(args, cache: Cache, problem: Problem, specs, progress, join: bool = False):
+    """autotune.search with the command line's options; the Optuna study lives in --storage or
+    next to the cache. join: take the current generation of the study even with --force."""
+    from autotune.decision import search
+
+    storage = _study_storage(args)
+    name = _study_name(args, problem)
     entry = search(problem, device=args.device, cache=cache, trials=args.trials, timeout=args.timeout,
                    sampler=args.sampler, storage=storage, seed=args.seed, specs=specs, progress=progress,
                    force=args.force, threads=args.threads, study_name=name,
                    stop_calls=(args.calls or DEFAULT_CALLS) if args.stop == "auto" else None,
-                   in_process=args.in_process, compile_budget=args.compile_budget)
+                   in_process=args.in_process, compile_budget=args.compile_budget,
+                   new_generation=False if join else None)
     args.study = (storage, name)  # printed with the result: open it with Optuna's own tools
     if not entry.trustworthy:
         warnings.warn(f"{problem.describe()}: timing not trustworthy: {entry.reason}; nothing was cached",
@@ -415,12 +438,9 @@ def _search_model(args, spec: str | None) -> int:
     # The bar's total is what will run: cached layers cost nothing, the others their budget.
     budget = sum(min(args.trials, len(registry.valid_configs(problem, specs))) for problem, specs in plan
                  if args.force or cache.find(problem, args.device, specs) is None)
-    entries = []
     with progress_bar(desc=f"tuning {spec} batch {batch}", unit="cfg", total=budget,
                       enabled=False if args.json else None, leave=True) as bar:
-        for problem, specs in plan:
-            bar.set_description(f"{problem.op} {problem.describe().split(' ', 2)[1]}")
-            entries.append(_search(args, cache, problem, specs, progress=bar))
+        entries = _search_problems(args, cache, plan, bar)
     verdicts = [] if args.no_layer_check else _check_layers(args, cache, calls, entries, plan)
     if args.json:
         print(json.dumps({"model": spec, "batch": batch, "layers": [_entry_json(e, cache) for e in entries],
@@ -455,6 +475,12 @@ def _check_layers(args, cache: Cache, calls, entries: list, plan: list) -> list:
         verdicts = check_layers(calls, cache=cache, device=args.device)
         if verdicts:
             entries[:] = [_after_check(e, cache, args.device, specs) for e, (_, specs) in zip(entries, plan, strict=True)]
+    from autotune.decision import share
+
+    checked = {p for v in verdicts for p in v.call.problems if p is not None}
+    for entry in entries:
+        if entry.problem in checked and entry.layer_check:  # re-cached: other machines pull this one
+            share(_study_storage(args), entry)
     return verdicts
 
 
@@ -464,6 +490,45 @@ def _after_check(entry, cache: Cache, device: str, specs):
         return entry
     now = cache.find(entry.problem, device, specs)
     return entry if now is None else dataclasses.replace(now, from_cache=entry.from_cache)
+
+
+def _search_problems(args, cache: Cache, plan, bar) -> list:
+    """Search each problem of `plan` in turn. Workers sharing a database storage split them: each
+    claims the next problem nobody has claimed (autotune.claims, key #problem in the problem's
+    study), skips those other live workers hold, then waits for those and takes their results
+    from the shared studies (a dead worker's problem is taken over after the heartbeat timeout)."""
+    from autotune import claims
+
+    shared = claims.for_storage(_study_storage(args))
+    entries: dict[int, object] = {}
+    waiting: dict[int, str] = {}  # problem index -> its study (generation) another worker tunes
+
+    def tune(i: int, study: str) -> bool:
+        problem, specs = plan[i]
+        bar.set_description(f"{problem.op} {problem.describe().split(' ', 2)[1]}")
+        if shared.claim(study, claims.PROBLEM) == claims.MINE:
+            entries[i] = _search(args, cache, problem, specs, progress=bar, join=True)
+            shared.finish(study, claims.PROBLEM)
+            return True
+        if shared.state(study, claims.PROBLEM) == claims.DONE:  # tuned elsewhere: its result, no measuring
+            entries[i] = _search(args, cache, problem, specs, progress=bar, join=True)
+            return True
+        return False
+
+    for i, (problem, specs) in enumerate(plan):
+        if not args.force and cache.find(problem, args.device, specs) is not None:
+            entries[i] = _search(args, cache, problem, specs, progress=bar)  # a cache hit
+            continue
+        name = _study_name(args, problem)
+        study = claims.generation_name(name, shared.generation(name, args.force))
+        if not tune(i, study):
+            waiting[i] = study
+    while waiting:
+        time.sleep(shared.poll_s)
+        for i, study in list(waiting.items()):
+            if tune(i, study):
+                del waiting[i]
+    return [entries[i] for i in range(len(plan))]
 
 
 # show / cache / info ----------------------------------------------------------------------------
@@ -511,6 +576,10 @@ def _device_text(entry) -> str:
 def cmd_cache(args) -> int:
     _existing_cache_dir(args.cache_dir)
     cache = Cache(args.cache_dir)
+    if args.action in ("pull", "push"):
+        return _cache_sync(args, cache)
+    if args.storage:
+        raise AutotuneError(f"--storage applies to cache pull and push, not {args.action}")
     if args.action == "path":
         print(json.dumps({"cache": str(cache.path)}) if args.json else cache.path)
         return 0
@@ -522,6 +591,26 @@ def cmd_cache(args) -> int:
     else:
         print(f"cleared {removed} entries: {cache.path} moved to {aside}"
               + ("" if args.keep_studies else "; Optuna studies deleted"))
+    return 0
+
+
+def _cache_sync(args, cache: Cache) -> int:
+    """`cache pull` / `cache push`: the local cache and a database's results table, merged."""
+    from autotune import results_db
+
+    if not args.storage:
+        raise AutotuneError(f"cache {args.action} needs --storage URL (the database the workers share)")
+    url = _storage_url(args.storage)
+    if args.action == "pull":
+        taken, total = results_db.pull(url, cache)
+        text = f"pulled {taken} of {total} entries from {args.storage} into {cache.path}"
+    else:
+        taken, total = results_db.push(url, cache)
+        text = f"pushed {taken} of {total} entries from {cache.path} to {args.storage}"
+    if args.json:
+        print(json.dumps({"action": args.action, "merged": taken, "entries": total, "cache": str(cache.path)}))
+    else:
+        print(text + ("" if taken == total else " (the others were already there, or older)"))
     return 0
 
 

@@ -18,7 +18,7 @@ from autotune import device as devices
 from autotune import measure, registry
 from autotune.cache import Cache
 from autotune.confirm import Candidate, confirm
-from autotune.entry import VENDOR, Entry, OwnKernel
+from autotune.entry import VENDOR, Entry, OwnKernel, stamp
 from autotune.errors import AutotuneError, CacheWriteError, UnknownNameError
 from autotune.problem import Problem
 from autotune.space import Config
@@ -66,7 +66,7 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
            force: bool = False, progress=False, threads: int | None = None, evaluate=None,
            source: str = "search", unwritable_ok: bool = False, warm_start: bool = True,
            stop_calls: int | None = None, in_process: bool = False,
-           compile_budget: float | None = None) -> Entry:
+           compile_budget: float | None = None, new_generation: bool | None = None) -> Entry:
     """The cached entry for `problem`, or tune it (Optuna), decide, and cache a trustworthy result.
 
     threads pins torch's CPU thread count for the search (None: as it is); it is part of the
@@ -79,6 +79,12 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
     itself over that many calls of the kernel (autotune.stopping). Candidates run in an isolated
     worker process unless `in_process` (or a custom `evaluate` is given). compile_budget caps the
     seconds Triton candidates' first calls (their JIT compile) may take in all (`--compile-budget`).
+
+    With a database `storage`, processes and machines running the same search share one study
+    (autotune.claims): one budget, no config measured twice, the finalists re-timed once; the
+    entry is also written to the database's results table (autotune.results_db). force starts a
+    new generation of the study unless new_generation says otherwise (False: join the current
+    one, as `search model` does for a problem another worker tuned).
     """
     specs = _specs(problem, device, specs)
     cache = cache if cache is not None else Cache()
@@ -93,17 +99,34 @@ def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None,
         warm = warm_configs(cache.neighbours(problem, device)) if warm_start else []
         result = tune(problem, device=device, trials=trials, timeout=timeout, sampler=sampler,
                       storage=storage, study_name=name, seed=seed, specs=specs, progress=progress,
-                      fresh=force, evaluate=evaluate, warm_start=warm, stop_calls=stop_calls,
-                      in_process=in_process, compile_budget=compile_budget)
+                      fresh=force if new_generation is None else new_generation, evaluate=evaluate,
+                      warm_start=warm, stop_calls=stop_calls, in_process=in_process, compile_budget=compile_budget)
         if result.best_own is None and result.vendor is None:
             counts = ", ".join(f"{k} {v}" for k, v in result.counts().items())
             raise AutotuneError(f"no candidate passed verification for {problem.describe()} ({counts}); "
                                 "nothing was cached")
         entry = _entry(problem, device, specs, result.best_own, result.vendor, trials=result.counts(),
                        threads=count, distrust=result.distrust, source=source)
-        entry = dataclasses.replace(entry, valid_configs=result.valid_configs, stopped=result.stopped)
+        entry = dataclasses.replace(entry, valid_configs=result.valid_configs, stopped=result.stopped,
+                                    created=stamp())
     _store(cache, entry, unwritable_ok)
+    if storage is not None and entry.trustworthy:
+        share(storage, entry)
     return entry
+
+
+def share(storage: str, entry: Entry) -> None:
+    """The entry into the database's results table, for `autotune cache pull` on other machines
+    (a storage without one, e.g. Optuna's journal files, is skipped; a failure is a warning: the
+    local cache has the entry)."""
+    if not storage.startswith(("sqlite", "postgresql", "mysql")):
+        return
+    from autotune import results_db
+
+    try:
+        results_db.for_url(storage).put([entry])
+    except AutotuneError as exc:
+        warnings.warn(f"{exc}; the entry is in the local cache only", stacklevel=3)
 
 
 def benchmark(problem: Problem, *, device: str, inputs: Sequence[torch.Tensor], cache: Cache,

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from autotune.errors import AutotuneError
 from autotune.problem import Problem, problem_from_dict, problem_to_dict
 
 VENDOR = "vendor"  # torch's own op (cuDNN / cuBLAS / oneDNN) as one more algorithm
+CREATED_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # Entry.created: local time with its UTC offset
 
 
 class EntryFormatError(AutotuneError, ValueError):
@@ -125,3 +128,21 @@ def _is(value: object, expected: object) -> bool:
     if expected is float:
         return isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
     return isinstance(value, expected)  # type: ignore[arg-type]
+
+
+def stamp() -> str:
+    """Now, as Entry.created."""
+    return time.strftime(CREATED_FORMAT)
+
+
+def newer(a: Entry, b: Entry | None) -> bool:
+    """Whether `a` should replace `b` when caches merge: b missing, or a created later (an entry
+    without a readable date counts as oldest)."""
+    return b is None or _when(a) > _when(b)
+
+
+def _when(entry: Entry) -> datetime:
+    try:
+        return datetime.strptime(entry.created, CREATED_FORMAT)
+    except ValueError:
+        return datetime.fromtimestamp(0).astimezone()

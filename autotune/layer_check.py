@@ -28,7 +28,7 @@ import torch
 from autotune import measure, registry
 from autotune.cache import Cache
 from autotune.dispatch import Choice
-from autotune.entry import VENDOR, Entry
+from autotune.entry import VENDOR, Entry, stamp
 from autotune.measure import Measurement
 from autotune.nn import LayerCall, run_layer
 
@@ -106,8 +106,10 @@ def _check(call, entries, ours, cache, device, time_plans) -> LayerVerdict:
                   f"over {len(rounds[()])} paired rounds")
     lost = [i for i in ours if i not in best]
     for i in ours:
-        cache.store(_given_back(entries[i], device, reason) if i in lost
-                    else dataclasses.replace(entries[i], layer_check=f"kept: {reason}"))
+        # A new date: the checked entry supersedes the unchecked one where caches merge (cache pull).
+        cache.store(dataclasses.replace(_given_back(entries[i], device, reason) if i in lost
+                                        else dataclasses.replace(entries[i], layer_check=f"kept: {reason}"),
+                                        created=stamp()))
     return LayerVerdict(call=call, times=times, ratios={_label(sub): r for sub, r in ratios.items()},
                         kept=tuple(PRODUCTS[i] for i in best),
                         given_back=tuple(PRODUCTS[i] for i in lost), reason=reason)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import optuna
 
-from autotune import measure, registry
+from autotune import claims, measure, registry
 from autotune.confirm import Candidate, Evaluate, confirm
 from autotune.errors import AutotuneError, UnknownNameError
 from autotune.measure import Measurement, Outcome, Status
@@ -272,10 +272,16 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     name = study_name or f"{problem.slug()}-{device}"
-    study = _open_study(name, storage, fresh)
+    shared = claims.for_storage(storage)
+    if shared is not None:  # --force: a new generation, never a study deleted under other workers
+        name = claims.generation_name(name, shared.generation(name, fresh))
+    study = _open_study(name, storage)
     seen: dict[str, Outcome] = _outcomes_from(study)
     valid = registry.valid_configs(problem, specs)
     budget = min(trials, len(valid))
+    if shared is not None:
+        shared.adopt(name, list(seen))
+        shared.reopen(name, budget)
     if sampler == "grid" and trials < len(valid):
         warnings.warn(f"grid: {problem.describe()} has {len(valid)} valid configs; --trials {trials} "
                       f"measures the first {trials} only (raise --trials to cover them all)", stacklevel=3)
@@ -293,12 +299,37 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
     # back afterwards, for the finalists' re-timing and for whoever shares the evaluator (seen on
     # an H200: left short, it timed out every later candidate of gpu_check's other shapes).
     candidate_timeout = getattr(evaluate, "timeout_s", None)
-    try:
-        while len(seen) < budget and (deadline is None or time.monotonic() < deadline):
+    held: dict[str, Config] = {}  # proposals other workers hold (or the budget's end refused)
+
+    def learn_from_others() -> None:
+        """Trials other workers added since: the sampler learns from them and never repeats them."""
+        for key, outcome in _outcomes_from(study).items():
+            if key not in seen:
+                seen[key] = outcome
+                proposer.tell(_config_from_key(key), outcome)
+                held.pop(key, None)
+                if bar is not None:
+                    bar.update(1)
+
+    def measure_more() -> bool:
+        """Measure until the budget is spent; False when this worker may not measure more (its
+        --timeout or cost-aware stopping ended it, or it has no config left to propose)."""
+        while len(seen) < budget:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
             started = time.monotonic()
             config = proposer.next()
             if config is None:  # every valid config measured
-                break
+                return False
+            if shared is not None:
+                got = shared.claim(name, config.key(), budget)
+                if got != claims.MINE:
+                    proposer.skip(config)
+                    held[config.key()] = config
+                    if got == claims.SPENT:
+                        return True
+                    learn_from_others()
+                    continue
             spec = by_name[config.algorithm]
             if deadline is not None and hasattr(evaluate, "timeout_s"):
                 # --timeout bounds the whole search, the candidate in flight included.
@@ -313,20 +344,51 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
                 if compiling.charge(first):
                     proposer.drop({a for a, s in by_name.items() if s.backend in COMPILED_BACKENDS})
                     study.set_user_attr("compile_budget", compiling.reason)
+            if shared is not None:
+                shared.finish(name, config.key())
+                learn_from_others()
             if bar is not None:
                 bar.update(1)
                 _show_best(bar, seen)
             if stop is not None and stop.update(_best_own_ms(seen), time.monotonic() - started):
                 study.set_user_attr("stopped", stop.reason)
-                break
+                return False
+        return True
+
+    step = "confirm"
+    try:
+        with shared.beating() if shared is not None else contextlib.nullcontext():
+            can_measure = measure_more()
+            while shared is not None:  # the budget is shared: wait for the others, then confirm once
+                learn_from_others()
+                shared.adopt(name, list(seen))  # trials of workers killed before they marked them
+                for key, config in held.items():
+                    if key not in seen:
+                        proposer.restore(config)
+                held.clear()
+                step = shared.next_step(name, budget, can_measure and bool(proposer.unmeasured))
+                if step == "more":
+                    can_measure = measure_more()
+                elif step == "wait":
+                    time.sleep(shared.poll_s)
+                else:
+                    break
+            if candidate_timeout is not None:
+                evaluate.timeout_s = candidate_timeout
+            stopped = "; ".join(r.reason for r in (compiling, stop) if r is not None and r.reason)
+            if step == "done":  # another worker re-timed the finalists: its conclusion is ours
+                return _result(problem, study, by_name, None, confirm_top, device, invalid=proposer.invalid,
+                               valid=len(valid), stopped=stopped)
+            result = _result(problem, study, by_name, evaluate, confirm_top, device, progress=_shows(progress),
+                             invalid=proposer.invalid, valid=len(valid), stopped=stopped)
+            if shared is not None:
+                shared.finish(name, claims.CONFIRM, claims.DONE if result.trustworthy else claims.UNTRUSTED)
+            return result
     finally:
         if candidate_timeout is not None:
             evaluate.timeout_s = candidate_timeout
         if own_bar:
             bar.close()
-    reasons = [r.reason for r in (compiling, stop) if r is not None and r.reason]
-    return _result(problem, study, by_name, evaluate, confirm_top, device, progress=_shows(progress),
-                   invalid=proposer.invalid, valid=len(valid), stopped="; ".join(reasons))
 
 
 def _best_own_ms(seen: dict[str, Outcome]) -> float | None:
@@ -427,6 +489,19 @@ class _Proposer:
             left = [c for c in left if c.algorithm == algorithm]
         return self.rng.choice(left)
 
+    def skip(self, config: Config) -> None:
+        """Another worker holds `config`: propose others (the sampler learns its outcome later)."""
+        self.unmeasured.pop(config.key(), None)
+        self._pending.pop(config.key(), None)
+        if self.scratch is not None:
+            self.near.measured(config.key())
+
+    def restore(self, config: Config) -> None:
+        """A skipped config whose worker died unmeasured: it may be proposed again."""
+        self.unmeasured[config.key()] = config
+        if self.scratch is not None:
+            self.near.restore(config.key())
+
     def tell(self, config: Config, outcome: Outcome) -> None:
         self.unmeasured.pop(config.key(), None)
         if self.scratch is None:
@@ -481,10 +556,13 @@ class _Neighbours:
         return [index.get(knobs.get(name), -1)
                 for name, index in zip(self.names[algorithm], self.index[algorithm], strict=True)]
 
-    def measured(self, key: str) -> None:
+    def measured(self, key: str, alive: bool = False) -> None:
         if key in self.where:
             algorithm, i = self.where[key]
-            self.alive[algorithm][i] = False
+            self.alive[algorithm][i] = alive
+
+    def restore(self, key: str) -> None:
+        self.measured(key, alive=True)
 
     def nearest(self, config: Config, unmeasured: dict[str, Config], rng: random.Random) -> Config:
         algorithm = config.algorithm
@@ -522,22 +600,31 @@ def _add_trial(study: optuna.Study, spec, config: Config, outcome: Outcome) -> N
         state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.PRUNED))
 
 
-def _open_study(name: str, storage: str | None, fresh: bool) -> optuna.Study:
-    """The study to run, resumed from `storage` unless `fresh`; a bad storage URL is the user's
-    to fix, so it becomes an AutotuneError (one line, exit status 2) rather than a traceback."""
+def _open_study(name: str, storage: str | None) -> optuna.Study:
+    """The study to run, resumed from `storage`; a bad storage URL is the user's to fix, so it
+    becomes an AutotuneError (one line, exit status 2) rather than a traceback."""
     try:
-        if fresh and storage is not None:
-            try:
-                optuna.delete_study(study_name=name, storage=storage)
-            except KeyError:
-                pass
         # Trials are added whole (measured configs only), so the study's own sampler never runs.
-        return optuna.create_study(storage=storage, study_name=name, direction="minimize",
+        return optuna.create_study(storage=_storage(storage), study_name=name, direction="minimize",
                                    load_if_exists=True)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy, driver and URL errors alike: the URL is the cause
         raise AutotuneError(f"cannot open the Optuna storage {storage!r}: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}; give --storage a URL "
                             "such as sqlite:///results/studies.db") from None
+
+
+def _storage(url: str | None):
+    """Optuna's storage for `url`. Workers that open a new database at once race to create its
+    tables and its alembic_version row: the loser retries (the tables are then there). SQLite
+    writers queue for the lock instead of failing (claims.serialise_sqlite)."""
+    if url is None or not url.startswith(("sqlite", "postgresql", "mysql")):
+        return url
+    if not url.startswith("sqlite"):
+        return claims.retry_creating(lambda: optuna.storages.RDBStorage(url))
+    storage = claims.retry_creating(lambda: optuna.storages.RDBStorage(
+        url, engine_kwargs={"connect_args": {"timeout": claims.SQLITE_WAIT_S}}))
+    claims.serialise_sqlite(storage.engine)  # Optuna's own read-then-write transactions too
+    return storage
 
 
 def _outcomes_from(study: optuna.Study) -> dict[str, Outcome]:
@@ -579,19 +666,28 @@ def _result(problem, study, by_name, evaluate, confirm_top, device, *, progress:
     ranked = sorted(ok.values(), key=lambda r: r.median_ms)
     own = [r for r in ranked if r.config.algorithm != VENDOR][: max(confirm_top, 1)]
     vendor = [r for r in ranked if r.config.algorithm == VENDOR][:1]
-    distrust = ""
-    if confirm_top > 0:
+    if evaluate is None:  # another worker re-timed the finalists (below) and recorded them
+        attrs = study.user_attrs
+        confirmed = [Candidate(config=Config.make(c["algorithm"], c["knobs"]),
+                               measurement=Measurement.from_dict(c["measurement"]))
+                     for c in attrs.get("confirmed", [])]
+        distrust = attrs.get("distrust", "" if attrs.get("trustworthy", True) else "not trusted")
+    elif confirm_top > 0:
         confirmed, distrust = confirm([Candidate(config=r.config, measurement=r.measurement)
                                        for r in own + vendor], problem, by_name, evaluate,
                                       progress=progress)
     else:
-        confirmed = [Candidate(config=r.config, measurement=r.measurement) for r in own + vendor]
+        confirmed, distrust = [Candidate(config=r.config, measurement=r.measurement) for r in own + vendor], ""
     confirmed.sort(key=lambda c: c.measurement.median)
-    # The re-timed finalists on the study itself, so Optuna's tools show what the search concluded
-    # (a trial's value is its search-phase time; the re-timing is what the decision used).
-    study.set_user_attr("confirmed", [{"algorithm": c.algorithm, "knobs": c.config.as_dict(),
-                                       "median_ms": c.measurement.median} for c in confirmed])
-    study.set_user_attr("trustworthy", not distrust)
+    if evaluate is not None:
+        # The re-timed finalists on the study itself, so Optuna's tools show what the search
+        # concluded (a trial's value is its search-phase time; the re-timing is what the decision
+        # used), and the other workers of a shared study take the same decision.
+        study.set_user_attr("confirmed", [{"algorithm": c.algorithm, "knobs": c.config.as_dict(),
+                                           "median_ms": c.measurement.median,
+                                           "measurement": c.measurement.as_dict()} for c in confirmed])
+        study.set_user_attr("trustworthy", not distrust)
+        study.set_user_attr("distrust", distrust)
     return TuneResult(problem=problem,
                       best_own=next((c for c in confirmed if c.algorithm != VENDOR), None),
                       vendor=next((c for c in confirmed if c.algorithm == VENDOR), None),

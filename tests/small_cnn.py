@@ -18,3 +18,9 @@ def build() -> nn.Module:
         nn.ReLU(),
         nn.Linear(16, 5),
     )
+
+
+def mlp() -> nn.Module:
+    """Two linear layers, `small_cnn:mlp` with --shape 3x2x2: a handful of GEMM problems, quick to
+    share out between workers (tests/test_many_workers.py)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4))
