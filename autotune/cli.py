@@ -128,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="budget: measure --trials configs (default); auto: stop early once the best "
                         "has stalled and the rest of the budget cannot pay for itself over --calls calls")
     search.add_argument("--no-layer-check", action="store_true",
-                        help="model/lenet searches: skip timing each layer as training calls it "
-                        "(forward + backward), which gives back to torch the kernels of ours that win "
-                        "alone but lose in the layer")
+                        help="model/lenet searches: skip timing each layer, then the whole training "
+                        "step, as training runs them, which gives back to torch the kernels of ours "
+                        "that win alone but lose in the layer or the step")
     search.add_argument("--compile-budget", type=float, default=None, metavar="SECONDS",
                         help="stop proposing Triton configs once their first calls (the JIT compile, "
                         "most of a GPU search's time) have taken this many seconds in all")
@@ -426,7 +426,8 @@ def _search_model(args, spec: str | None) -> int:
         raise AutotuneError("search model needs a model: lenet, torchvision:<name> or package.module:factory")
     batch = args.batch or 64
     example = example_input(args.shape, batch, spec, torch_dtype(args.dtype))
-    calls = model_layers(load_model(spec), example)
+    model = load_model(spec)
+    calls = model_layers(model, example)
     problems = problems_of(calls)
     cache = Cache(args.cache_dir)
     plan = []
@@ -442,9 +443,11 @@ def _search_model(args, spec: str | None) -> int:
                       enabled=False if args.json else None, leave=True) as bar:
         entries = _search_problems(args, cache, plan, bar)
     verdicts = [] if args.no_layer_check else _check_layers(args, cache, calls, entries, plan)
+    step = None if args.no_layer_check else _check_step(args, cache, model, example, calls, entries, plan)
     if args.json:
         print(json.dumps({"model": spec, "batch": batch, "layers": [_entry_json(e, cache) for e in entries],
-                          "layer_checks": [v.as_dict() for v in verdicts], "cache": str(cache.path)}, indent=1))
+                          "layer_checks": [v.as_dict() for v in verdicts],
+                          "step_check": step.as_dict() if step else None, "cache": str(cache.path)}, indent=1))
         return 0
     print(format_table(("op", "problem", "chosen", "knobs", "ms", "torch ms", "speed-up", "trusted"),
                        [(e.op, problem_text(e.problem), e.algorithm, knobs_text(e.knobs, SHOW_KNOBS_WIDTH),
@@ -454,6 +457,9 @@ def _search_model(args, spec: str | None) -> int:
         kept = f"keeps ours for {'+'.join(v.kept)}" if v.kept else "runs torch's layer"
         back = f"; gave {'+'.join(v.given_back)} back to torch" if v.given_back else ""
         print(f"layer check {v.call.kind} {problem_text(v.call.problems[0])}: {kept}{back} ({v.reason})")
+    if step:
+        print(f"step check: {len(step.layers_kept)} layers keep kernels of ours, {len(step.layers_given_back)} "
+              f"given back to torch ({step.reason})")
     saved = sum(e.vendor_ms - e.median_ms for e in entries if e.vendor_ms and e.trustworthy)
     cached = sum(1 for e in entries if e.from_cache)
     print(f"{len(entries)} problems; per training step the chosen kernels save {saved:.3f} ms over torch's ops "
@@ -482,6 +488,23 @@ def _check_layers(args, cache: Cache, calls, entries: list, plan: list) -> list:
         if entry.problem in checked and entry.layer_check:  # re-cached: other machines pull this one
             share(_study_storage(args), entry)
     return verdicts
+
+
+def _check_step(args, cache: Cache, model, example, calls, entries: list, plan: list):
+    """Time the whole training step, tuned against torch's (autotune.step_check); `entries` are
+    updated to what the check left in the cache."""
+    from autotune.decision import share
+    from autotune.step_check import check_step
+
+    with measure.pinned_threads(args.threads if args.device == "cpu" else None):
+        verdict = check_step(model, example, calls, cache=cache, device=args.device)
+        if verdict is not None and verdict.layers_given_back:
+            before = {e.problem: e.algorithm for e in entries}
+            entries[:] = [_after_check(e, cache, args.device, specs) for e, (_, specs) in zip(entries, plan, strict=True)]
+            for entry in entries:
+                if before[entry.problem] != entry.algorithm:  # re-cached: other machines pull this one
+                    share(_study_storage(args), entry)
+    return verdict
 
 
 def _after_check(entry, cache: Cache, device: str, specs):

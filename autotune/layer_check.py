@@ -107,9 +107,8 @@ def _check(call, entries, ours, cache, device, time_plans) -> LayerVerdict:
     lost = [i for i in ours if i not in best]
     for i in ours:
         # A new date: the checked entry supersedes the unchecked one where caches merge (cache pull).
-        cache.store(dataclasses.replace(_given_back(entries[i], device, reason) if i in lost
-                                        else dataclasses.replace(entries[i], layer_check=f"kept: {reason}"),
-                                        created=stamp()))
+        cache.store(given_back(entries[i], device, reason) if i in lost
+                    else dataclasses.replace(entries[i], layer_check=f"kept: {reason}", created=stamp()))
     return LayerVerdict(call=call, times=times, ratios={_label(sub): r for sub, r in ratios.items()},
                         kept=tuple(PRODUCTS[i] for i in best),
                         given_back=tuple(PRODUCTS[i] for i in lost), reason=reason)
@@ -136,13 +135,14 @@ def _choice(problem, device: str, algorithm: str, knobs: dict) -> Choice:
     return Choice(spec=spec, knobs=spec.full_knobs(problem, knobs), source="cache")
 
 
-def _given_back(entry: Entry, device: str, reason: str) -> Entry:
-    """The product's entry with torch's op chosen (our best stays on record as best_own)."""
+def given_back(entry: Entry, device: str, reason: str, *, lost_in: str = "the layer") -> Entry:
+    """The product's entry with torch's op chosen (our best stays on record as best_own), dated
+    now so it supersedes the unchecked entry where caches merge."""
     vendor = next(s for s in registry.kernels_for(entry.problem, device) if s.algorithm == VENDOR)
-    ms = entry.vendor_ms
+    ms = entry.vendor_ms if entry.vendor_ms is not None else entry.median_ms
     return dataclasses.replace(entry, algorithm=VENDOR, knobs=vendor.full_knobs(entry.problem, {}),
-                               median_ms=ms, p20_ms=ms, p80_ms=ms, reason=f"lost in the layer: {reason}",
-                               layer_check=f"lost: {reason}")
+                               median_ms=ms, p20_ms=ms, p80_ms=ms, reason=f"lost in {lost_in}: {reason}",
+                               layer_check=f"lost: {reason}", created=stamp())
 
 
 def _trainer(call: LayerCall, device: str):

@@ -13,7 +13,7 @@ TRIALS=${3:-12}
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-results/lenet-compare}
 rm -rf "$OUT" && mkdir -p "$OUT"
-printf "%-8s %-6s %-10s %-12s %-6s %s\n" threads batch tuned_ms untuned_ms ratio "layers kept (layer check)"
+printf "%-8s %-6s %-10s %-12s %-6s %s\n" threads batch tuned_ms untuned_ms ratio "convs on our kernels (step check)"
 for t in ${THREADS//,/ }; do
   for b in ${BATCHES//,/ }; do
     cache="$OUT/cache-${t}t"
@@ -25,10 +25,13 @@ for t in ${THREADS//,/ }; do
     "$BIN/python" - "$OUT/compare-${t}t-b$b.json" "$OUT/search-${t}t-b$b.json" "$t" "$b" <<'EOF'
 import json, sys
 compare = json.load(open(sys.argv[1]))["compare"]
-checks = json.load(open(sys.argv[2])).get("layer_checks", [])
-kept = "; ".join(f"{c['layer'].split(' ')[1]}: {'+'.join(c['kept']) or '-'}" for c in checks)
+search = json.load(open(sys.argv[2]))
+step = search.get("step_check")
+ours = {json.dumps(e["problem"]) for e in search["layers"] if e["algorithm"] != "vendor"}
+kept = (f"{', '.join(layer.split(' ')[1] for layer in step['layers_kept']) or 'none'} "
+        f"(step with ours {step['ratio']:.2f}x torch's)" if step else "")
 print(f"{sys.argv[3]:<8} {sys.argv[4]:<6} {compare['tuned_ms']:<10.3f} {compare['untuned_ms']:<12.3f} "
-      f"{compare['ratio']:<6.3f} {kept or 'no kernel of ours won a product'}")
+      f"{compare['ratio']:<6.3f} {kept or ('none' if not ours else '')}")
 EOF
   done
 done

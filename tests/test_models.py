@@ -36,6 +36,7 @@ def test_search_model_tunes_each_problem_once(capsys, tmp_path):
     # Every layer that cached a kernel of ours was timed as training calls it; what it gave back
     # to torch is what the layers list (and the cache) now say.
     ours = {json.dumps(layer["problem"]) for layer in layers if layer["algorithm"] != "vendor"}
+    assert "step_check" in out  # None when no layer kept a kernel of ours
     for check in out["layer_checks"]:
         assert set(check["times"]) >= {"torch"} and set(check["kept"]).isdisjoint(check["given_back"])
     given_back = [layer for layer in layers if layer["reason"].startswith("lost in the layer")]
