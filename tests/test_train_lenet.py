@@ -159,6 +159,8 @@ def test_dry_run_batch_size_comparison_and_saved_model(train_lenet, data_dir, tm
 
 
 @needs_fashion
+# On a busy CI machine the noise guard may refuse a benchmark (torch's op then runs): expected.
+@pytest.mark.filterwarnings("ignore:.*too busy to tell:UserWarning")
 def test_report_writes_a_page_with_five_sections_and_real_figures(train_lenet, data_dir, tmp_path):
     import re
 
