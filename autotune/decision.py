@@ -54,10 +54,11 @@ def decide(best_own: Candidate | None, vendor: Candidate | None, *,
 def default_study_name(problem: Problem, device: str, *, sampler: str = "hybrid", seed: int | None = 0,
                threads: int | None = None) -> str:
     """The Optuna study a search of `problem` records its trials in, e.g.
-    conv2d-64x3x32x32-6x5x5-s1p0d1-float32-cpu1t-hybrid-seed0 (thread count on the CPU: a study
-    measured on 2 threads must not resume on 1)."""
+    conv2d-64x3x32x32-6x5x5-s1p0d1-float32-cpu1t-3fa2c1-hybrid-seed0: the thread count on the CPU
+    (a study measured on 2 threads must not resume on 1) and the machine's hardware tag (workers
+    on other hardware sharing the database get their own study, not a mix of both timings)."""
     where = f"cpu{threads or torch.get_num_threads()}t" if device == "cpu" else device
-    return f"{problem.slug()}-{where}-{sampler}-seed{seed}"
+    return f"{problem.slug()}-{where}-{devices.machine_tag(device)}-{sampler}-seed{seed}"
 
 
 def search(problem: Problem, *, device: str = "cpu", cache: Cache | None = None, trials: int = 40,

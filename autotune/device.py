@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
+import json
 import os
 import platform
 from collections.abc import Iterator
@@ -119,6 +121,13 @@ def fingerprint(kind: str) -> dict[str, str | int]:
     torch on 2 threads is not the right choice on 1 (and `autotune show` prints it).
     """
     return _fingerprint(kind, threads() if kind == "cpu" else 0)
+
+
+def machine_tag(kind: str) -> str:
+    """Six hex digits naming this machine's hardware (the fingerprint less the thread count), so
+    machines sharing one study database share a study only when their hardware is the same."""
+    fp = {k: v for k, v in _fingerprint(kind, 0).items() if k != "threads"}
+    return hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:6]
 
 
 def label(fp: dict) -> str:

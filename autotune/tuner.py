@@ -377,8 +377,8 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
                 evaluate.timeout_s = candidate_timeout
             stopped = "; ".join(r.reason for r in (compiling, stop) if r is not None and r.reason)
             if step == "done":  # another worker re-timed the finalists: its conclusion is ours
-                return _result(problem, study, by_name, None, confirm_top, device, invalid=proposer.invalid,
-                               valid=len(valid), stopped=stopped)
+                return _result(problem, study, by_name, None, confirm_top, device, progress=False,
+                               invalid=proposer.invalid, valid=len(valid), stopped=stopped)
             result = _result(problem, study, by_name, evaluate, confirm_top, device, progress=_shows(progress),
                              invalid=proposer.invalid, valid=len(valid), stopped=stopped)
             if shared is not None:

@@ -17,11 +17,13 @@ import pytest
 import sqlalchemy as sa
 
 from autotune.cli import main
+from autotune.decision import default_study_name
+from autotune.problem import GemmProblem
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 POSTGRES_ENV = "AUTOTUNE_TEST_POSTGRES_URL"
-STUDY = "gemm-48x48x48-nn-float32-cpu1t-hybrid-seed0"
+STUDY = default_study_name(GemmProblem(m=48, n=48, k=48), "cpu", threads=1)
 
 
 def _postgres_database() -> str:
@@ -92,7 +94,7 @@ def test_three_workers_192_cubed_24_trials(storage, tmp_path):
              for i in range(3)]
     for p in procs:
         _finish(p, timeout=600)
-    configs = _configs(storage, "gemm-192x192x192-nn-float32-cpu1t-hybrid-seed0")
+    configs = _configs(storage, default_study_name(GemmProblem(m=192, n=192, k=192), "cpu", threads=1))
     assert len(configs) == 24 and len(set(configs)) == 24
 
 
@@ -124,7 +126,7 @@ def test_killed_worker_claim_is_taken_over(storage, tmp_path):
             states = conn.execute(sa.text("SELECT key, state FROM autotune_claims")).all()
     finally:
         engine.dispose()
-    configs = _configs(storage, "gemm-48x48x48-nn-float32-cpu1t-hybrid-seed0")
+    configs = _configs(storage, STUDY)
     assert len(configs) == 6 and len(set(configs)) == 6
     assert held[0][0] in configs  # the dead worker's config was measured by another
     assert all(state == "done" for _, state in states)
