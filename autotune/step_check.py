@@ -26,7 +26,7 @@ from torch import nn
 from autotune import dispatch, layer_check, registry
 from autotune.cache import Cache
 from autotune.entry import VENDOR
-from autotune.nn import _DTYPE_NAMES, Conv2d, LayerCall, Linear, conv_problem, patch
+from autotune.nn import _DTYPE_NAMES, Conv2d, LayerCall, Linear, _patchable_conv, conv_problem, patch
 from autotune.problem import GemmProblem
 
 LEAVE_ONE_OUT_MAX = 8  # beyond this many layers on our kernels, the model is checked all or nothing
@@ -109,6 +109,8 @@ def _forward_problems(plain: nn.Module, example: torch.Tensor) -> list:
     def hook(module, args, _output):
         x = args[0]
         if isinstance(module, nn.Conv2d):
+            if not _patchable_conv(module):
+                return  # patch() leaves it to torch (groups, padding modes, unequal strides)
             found[id(module)] = conv_problem(x, module.weight, module.stride, module.padding, module.dilation)
         else:
             x2d = x.reshape(-1, x.shape[-1])
