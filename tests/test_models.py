@@ -45,7 +45,11 @@ def test_search_model_tunes_each_problem_once(capsys, tmp_path):
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)["layers"]
     assert [a["from_cache"] for a in again] == [first["trustworthy"] for first in layers]
-    assert [a["algorithm"] for a in again if a["trustworthy"]] == [f["algorithm"] for f in layers if f["trustworthy"]]
+    # What the search reports is what the cache holds (and so what training runs), also after a
+    # second run re-checked layers whose products the noise guard had refused the first time.
+    assert main(["show", "--json", "--cache-dir", str(tmp_path)]) == 0
+    cached = {json.dumps(e["problem"]): e["algorithm"] for e in json.loads(capsys.readouterr().out)["entries"]}
+    assert {json.dumps(a["problem"]): a["algorithm"] for a in again if a["trustworthy"]} == cached
 
 
 @pytest.mark.parametrize("argv, message", [
