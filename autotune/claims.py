@@ -16,7 +16,6 @@ sharing a database must keep their clocks within a small part of the timeout (NT
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import socket
 import threading
@@ -25,6 +24,7 @@ import uuid
 
 import sqlalchemy as sa
 
+from autotune.env_seconds import seconds_from_env
 from autotune.errors import AutotuneError
 
 HEARTBEAT_TIMEOUT_S = 60.0  # a live claim not beaten for this long belongs to a dead worker
@@ -57,16 +57,7 @@ generations_table = sa.Table(
 
 def heartbeat_timeout_s() -> float:
     """Seconds without a heartbeat after which a claim is released: $AUTOTUNE_HEARTBEAT_TIMEOUT_S, else 60."""
-    text = os.environ.get(HEARTBEAT_TIMEOUT_ENV, "").strip()
-    if not text:
-        return HEARTBEAT_TIMEOUT_S
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise AutotuneError(f"{HEARTBEAT_TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
-    return seconds
+    return seconds_from_env(HEARTBEAT_TIMEOUT_ENV, HEARTBEAT_TIMEOUT_S)
 
 
 def generation_name(study: str, generation: int) -> str:

@@ -334,9 +334,10 @@ class LayerCall:
     problems: tuple = ()  # (forward, grad input | None, grad weight)
 
 
-def layer_calls(model: nn.Module, example: torch.Tensor) -> list[LayerCall]:
+def layer_calls(model: nn.Module, example: torch.Tensor, *, by_module: dict | None = None) -> list[LayerCall]:
     """Every distinct conv2d/linear call one training step of `model` on inputs like `example`
-    makes, in order. Found by a forward pass with hooks; convs patch() leaves to torch are skipped."""
+    makes, in order. Found by a forward pass with hooks; convs patch() leaves to torch are skipped.
+    `by_module`, if given, receives id(module) -> its call's forward problem."""
     calls: list[LayerCall] = []
 
     def hook(module, args, _output):
@@ -361,6 +362,10 @@ def layer_calls(model: nn.Module, example: torch.Tensor) -> list[LayerCall]:
                                              _gemm_problem(batch, fan_in, fan_out, False, False, x.dtype)
                                              if grad_input else None,
                                              _gemm_problem(fan_out, fan_in, batch, True, False, x.dtype))))
+        else:
+            return
+        if by_module is not None:
+            by_module[id(module)] = calls[-1].problems[0]
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:

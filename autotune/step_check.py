@@ -26,8 +26,7 @@ from torch import nn
 from autotune import dispatch, layer_check, registry
 from autotune.cache import Cache
 from autotune.entry import VENDOR
-from autotune.nn import _DTYPE_NAMES, Conv2d, LayerCall, Linear, _patchable_conv, conv_problem, patch
-from autotune.problem import GemmProblem
+from autotune.nn import Conv2d, LayerCall, Linear, layer_calls, patch
 
 LEAVE_ONE_OUT_MAX = 8  # beyond this many layers on our kernels, the model is checked all or nothing
 
@@ -103,27 +102,9 @@ def _keeping(tuned: nn.Module, problems: list, kept: tuple) -> nn.Module:
 
 def _forward_problems(plain: nn.Module, example: torch.Tensor) -> list:
     """The forward problem each module of the (unpatched) model computes, None for the others,
-    in modules() order: one forward pass with hooks."""
+    in modules() order."""
     found: dict[int, object] = {}
-
-    def hook(module, args, _output):
-        x = args[0]
-        if isinstance(module, nn.Conv2d):
-            if not _patchable_conv(module):
-                return  # patch() leaves it to torch (groups, padding modes, unequal strides)
-            found[id(module)] = conv_problem(x, module.weight, module.stride, module.padding, module.dilation)
-        else:
-            x2d = x.reshape(-1, x.shape[-1])
-            found[id(module)] = GemmProblem(m=x2d.shape[0], n=module.out_features, k=module.in_features,
-                                            trans_b=True, dtype=_DTYPE_NAMES[x.dtype])
-
-    handles = [m.register_forward_hook(hook) for m in plain.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            plain(example)
-    finally:
-        for h in handles:
-            h.remove()
+    layer_calls(plain, example, by_module=found)
     return [found.get(id(m)) for m in plain.modules()]
 
 

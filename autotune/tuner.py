@@ -15,7 +15,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import random
 import time
 import warnings
@@ -28,6 +27,7 @@ import optuna
 
 from autotune import claims, measure, registry
 from autotune.confirm import Candidate, Evaluate, confirm
+from autotune.env_seconds import seconds_from_env
 from autotune.errors import AutotuneError, UnknownNameError
 from autotune.measure import Measurement, Outcome, Status
 from autotune.problem import Problem
@@ -253,16 +253,7 @@ def _default_evaluator(device: str, seed: int, stack: contextlib.ExitStack, in_p
 
 def candidate_timeout_s() -> float:
     """Seconds a candidate may run in the worker: $AUTOTUNE_CANDIDATE_TIMEOUT_S, else 60."""
-    text = os.environ.get(CANDIDATE_TIMEOUT_ENV, "").strip()
-    if not text:
-        return CANDIDATE_TIMEOUT_S
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise AutotuneError(f"{CANDIDATE_TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
-    return seconds
+    return seconds_from_env(CANDIDATE_TIMEOUT_ENV, CANDIDATE_TIMEOUT_S)
 
 
 def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, storage, study_name, seed,
