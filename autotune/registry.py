@@ -101,6 +101,10 @@ class KernelSpec:
     # What check() believes a config needs on a GPU, e.g. {"shared": bytes, "registers": per
     # thread}; `autotune compile-check` compares it with the compiler's figures.
     resources: Callable[[Problem, Knobs], Mapping[str, int]] | None = None
+    # Configs that practice has found fast on the GPUs of the day (partial knobs; the rest keep
+    # their default), measured right after the defaults and warm-start configs. A GPU search
+    # measures a few dozen configs at a second of compiling each, so where it starts matters.
+    seeds: Callable[[Problem], Sequence[Knobs]] | None = None
     # Filled in by the registry:
     space: Space = Space()
     source_hash: str = ""
@@ -110,6 +114,11 @@ class KernelSpec:
     def default_config(self, problem: Problem) -> Config:
         knobs = self.defaults(problem) if callable(self.defaults) else self.defaults
         return Config.make(self.algorithm, knobs)
+
+    def seed_configs(self, problem: Problem) -> list[Config]:
+        if self.seeds is None:
+            return []
+        return [Config.make(self.algorithm, self.full_knobs(problem, knobs)) for knobs in self.seeds(problem)]
 
     def full_knobs(self, problem: Problem, knobs: Knobs) -> dict[str, Value]:
         """Knobs the space does not search keep their default value."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import random
@@ -256,6 +257,15 @@ def candidate_timeout_s() -> float:
     return seconds_from_env(CANDIDATE_TIMEOUT_ENV, CANDIDATE_TIMEOUT_S)
 
 
+def _seeds(problem, specs, valid: list[Config], budget: int) -> list[Config]:
+    """The kernels' seed configs this problem admits, the algorithms taking turns, at most half
+    the budget (the sampler keeps the rest)."""
+    keys = {c.key() for c in valid}
+    per_algorithm = [[c for c in spec.seed_configs(problem) if c.key() in keys] for spec in specs]
+    turns = [c for group in itertools.zip_longest(*per_algorithm) for c in group if c is not None]
+    return list(dict.fromkeys(turns))[:budget // 2]
+
+
 def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, storage, study_name, seed,
             progress, fresh, confirm_top, warm_start=(), stop_calls=None, compile_budget=None) -> TuneResult:
     by_name = {spec.algorithm: spec for spec in specs}
@@ -278,6 +288,8 @@ def _search(problem, specs, evaluate, *, device, trials, timeout, sampler, stora
                       f"measures the first {trials} only (raise --trials to cover them all)", stacklevel=3)
     warm = [Config.make(c.algorithm, by_name[c.algorithm].full_knobs(problem, c.as_dict()))
             for c in warm_start if c.algorithm in by_name]
+    if sampler != "grid":
+        warm += _seeds(problem, specs, valid, budget)
     proposer = _Proposer(sampler, seed, problem, by_name, valid, seen, warm, budget)
     # progress: True for a bar of our own, or a tqdm bar to share (one bar over many problems).
     own_bar = progress is True

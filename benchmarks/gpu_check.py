@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -90,7 +91,7 @@ def fmt_row(row: dict) -> str:
 def run(args) -> dict:
     from autotune.worker import IsolatedEvaluator
 
-    problems = shapes()
+    problems = [p for p in shapes() if re.search(args.only, p.describe())]
     started = time.monotonic()
     rows = []
     print(f"{'problem':<58} {'triton ms':>10} {'torch ms':>10} {'speedup':>7}  winner algorithm", flush=True)
@@ -132,6 +133,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=270.0, help="wall time for all tuning")
     parser.add_argument("--trials", type=int, default=40,
                         help="most configs per shape (the time share per shape usually stops it first)")
+    parser.add_argument("--only", default="", metavar="REGEX",
+                        help="check only the problems whose description matches (e.g. 'bwd_weight|gemm')")
     parser.add_argument("--candidate-timeout-s", type=float, default=60.0)
     parser.add_argument("--out", default=None, help="JSON path (default $OUT/gpu_check.json or results/)")
     args = parser.parse_args(argv)

@@ -3,6 +3,8 @@
 # with a table of Triton against cuBLAS/cuDNN. Results go under $OUT (default ./results/).
 #
 #   bash benchmarks/gpu_check.sh                 # from the project root, carry ".whl"
+#   GPU_CHECK_TESTS=tests/test_triton_conv.py GPU_CHECK_TOTAL_S=300 \
+#     bash benchmarks/gpu_check.sh --only 'bwd_weight'   # a rerun of what a fix touched
 #
 # The GPU image has torch and triton but not Optuna (nor pytest): wheels in .whl/ (made by
 # /work/shared/tools/device-wheels.sh, add "pytest iniconfig pluggy" to its arguments for the
@@ -39,7 +41,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   parallel=()
   "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 8)
   timeout 200 "$PY" -m pytest -q -p no:cacheprovider -p no:benchmark "${parallel[@]}" --durations=10 \
-    tests/test_triton_gemm.py tests/test_triton_conv.py >"$OUT/pytest_triton.txt" 2>&1
+    ${GPU_CHECK_TESTS:-tests/test_triton_gemm.py tests/test_triton_conv.py} >"$OUT/pytest_triton.txt" 2>&1
   echo "pytest triton (cuda): exit $? -- $(tail -n 1 "$OUT/pytest_triton.txt")"
   timeout 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests \
     --ignore=tests/test_triton_gemm.py --ignore=tests/test_triton_conv.py >"$OUT/pytest_gpu.txt" 2>&1

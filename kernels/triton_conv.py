@@ -46,8 +46,10 @@ from kernels.triton_tiles import (
     check_elements,
     check_int32_offsets,
     check_registers,
+    check_split,
     dot_precision,
     dot_tile_resources,
+    fill_splits,
     k_per_split,
     pow2_at_least,
     require_device,
@@ -62,6 +64,8 @@ DIRECT_MAX_ACC_REGISTERS = 128
 # spill at most ~5 KB; from 136 up, 4-20 KB per thread and 8-40 s compiles (one at 288 did not
 # compile in 120 s).
 MAX_GATHERED_PER_THREAD = 128
+# The largest split_k of bwd_weight's search space (search_spaces/triton_conv.toml).
+MAX_SPLIT_K = 256
 
 # ---------------------------------------------------------------------------------------------
 # Device kernels
@@ -431,9 +435,8 @@ def check_implicit_gemm(problem: Conv2dProblem, knobs) -> str | None:
             return reason
     if problem.op == "conv2d_bwd_weight":
         split_k = knobs["split_k"]
-        if split_k < 1 or (split_k > 1 and k_per_split(red, split_k, knobs["BLOCK_K"]) * (split_k - 1) >= red):
-            return f"split_k={split_k} leaves a split empty with N·P·Q={red}, BLOCK_K={knobs['BLOCK_K']}"
-        reason = check_elements(split_k * m * n, "the split-K workspace")
+        reason = (check_split(red, split_k, knobs["BLOCK_K"], "N·P·Q")
+                  or check_elements(split_k * m * n, "the split-K workspace"))
         if reason:
             return reason
     if (problem.dtype != "float32" and problem.op != "conv2d_bwd_weight"
@@ -509,7 +512,11 @@ def implicit_gemm_defaults(problem: Conv2dProblem | None, op: str = "conv2d") ->
         "input_precision": "ieee",
     }
     if op == "conv2d_bwd_weight":
-        knobs["split_k"] = 1
+        # N·P·Q is long and K x C·R·S small: one program per output tile would leave most SMs idle
+        # (measured on an H100 with split_k 4: LeNet conv1's grad weight at batch 256 took 3.6 ms
+        # against cuDNN's 0.05 ms), so the default splits the reduction until the GPU is full.
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        knobs["split_k"] = fill_splits(tiles, red, block_k, most=MAX_SPLIT_K)
     else:
         knobs["loop_order"] = "flat"
     return knobs
@@ -539,16 +546,47 @@ def _bwd_weight_defaults(problem):
     return implicit_gemm_defaults(problem, "conv2d_bwd_weight")
 
 
+# Implicit-GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) in the shapes that suit gathered
+# operands: 32-element K steps (gathers cost registers per element), 4-8 warps. Unmeasured
+# except the first, the ResNet 3x3 forward winner of the first H100 run (benchmarks/gpu_check.sh).
+_SEED_TILES = ((128, 64, 32, 8), (64, 64, 32, 4), (128, 128, 32, 8), (64, 128, 32, 4), (128, 32, 32, 4))
+
+
+def implicit_gemm_seeds(problem: Conv2dProblem) -> list[dict]:
+    """KernelSpec.seeds: the tiles above in the problem's best-guess loop order; float32 in TF32
+    first (cuDNN's default for convolutions, torch.backends.cudnn.allow_tf32) then IEEE;
+    bwd_weight with the split that fills the GPU for each tile."""
+    m, n, red = gemm_dims(problem)
+    out = []
+    for block_m, block_n, block_k, warps in _SEED_TILES:
+        # Shrunk to the problem (LeNet's 6 filters want a 16-wide tile, not 64).
+        block_m, block_n = pow2_at_least(m, 16, block_m), pow2_at_least(n, 16, block_n)
+        block_k = pow2_at_least(red, 16, block_k)
+        warps = _warps_for(block_m * block_n, 256, warps)
+        knobs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}
+        if problem.op == "conv2d_bwd_weight":
+            tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+            knobs["split_k"] = fill_splits(tiles, red, block_k, most=MAX_SPLIT_K)
+        else:
+            taps_outer = red // (problem.r * problem.s) >= block_k
+            knobs["loop_order"] = "taps_outer" if taps_outer else "flat"
+        if problem.dtype == "float32":
+            out.append({**knobs, "input_precision": "tf32"})
+        out.append(knobs)
+    return out
+
+
 KERNELS = [
     KernelSpec(op="conv2d", algorithm="implicit_gemm", backend="triton", run=_run_fwd_implicit,
                supports=supports, check=check_implicit_gemm, defaults=_fwd_defaults,
-               resources=implicit_gemm_resources),
+               resources=implicit_gemm_resources, seeds=implicit_gemm_seeds),
     KernelSpec(op="conv2d", algorithm="direct", backend="triton", run=_run_fwd_direct,
                supports=supports, check=check_direct, defaults=direct_defaults),
     KernelSpec(op="conv2d_bwd_data", algorithm="implicit_gemm", backend="triton", run=_run_bwd_data,
                supports=supports, check=check_implicit_gemm, defaults=_bwd_data_defaults,
-               resources=implicit_gemm_resources),
+               resources=implicit_gemm_resources, seeds=implicit_gemm_seeds),
     KernelSpec(op="conv2d_bwd_weight", algorithm="implicit_gemm", backend="triton",
                run=_run_bwd_weight, supports=supports, check=check_implicit_gemm,
-               defaults=_bwd_weight_defaults, resources=implicit_gemm_resources),
+               defaults=_bwd_weight_defaults, resources=implicit_gemm_resources,
+               seeds=implicit_gemm_seeds),
 ]

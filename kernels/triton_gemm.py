@@ -42,8 +42,10 @@ from kernels.triton_tiles import (
     check_dot_tile,
     check_elements,
     check_int32_offsets,
+    check_split,
     dot_precision,
     dot_tile_resources,
+    fill_splits,
     k_per_split,
     pow2_at_least,
     require_device,
@@ -188,11 +190,11 @@ def check(problem: GemmProblem, knobs) -> str | None:
         return f"input_precision={knobs['input_precision']!r}: choose one of {INPUT_PRECISIONS}"
     if knobs["input_precision"] != "ieee" and problem.dtype != "float32":
         return "input_precision only applies to float32 (a duplicate of 'ieee' here)"
-    if knobs["GROUP_M"] < 1 or knobs["split_k"] < 1:
-        return "GROUP_M and split_k must be >= 1"
-    if knobs["split_k"] > 1 and k_per_split(problem.k, knobs["split_k"], knobs["BLOCK_K"]) * (
-            knobs["split_k"] - 1) >= problem.k:
-        return f"split_k={knobs['split_k']} leaves a split empty with K={problem.k}, BLOCK_K={knobs['BLOCK_K']}"
+    if knobs["GROUP_M"] < 1:
+        return "GROUP_M must be >= 1"
+    reason = check_split(problem.k, knobs["split_k"], knobs["BLOCK_K"])
+    if reason:
+        return reason
     if knobs["split_k"] > 1:
         reason = check_elements(knobs["split_k"] * problem.m * problem.n, "the split-K workspace")
         if reason:
@@ -243,7 +245,40 @@ def defaults(problem: GemmProblem | None) -> dict:
     }
 
 
+# Tile shapes (BLOCK_M, BLOCK_N, BLOCK_K for 2-byte types, num_warps, num_stages) that Triton's
+# matmul tutorial and its users report fast on A100/H100, fastest-first for large matrices. float32
+# halves BLOCK_K (4-byte elements, the same bytes per stage).
+_SEED_TILES = (
+    (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (64, 256, 32, 4, 4),
+    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 32, 64, 4, 4), (64, 64, 64, 4, 3),
+    (64, 32, 32, 2, 5),
+)
+
+
+def seeds(problem: GemmProblem) -> list[dict]:
+    """KernelSpec.seeds: the tiles above (tf32 for float32, which is where the tensor cores are,
+    and once in IEEE), then split-K for a small output over a long K."""
+    fp32 = problem.dtype == "float32"
+    out = []
+    for block_m, block_n, block_k, warps, stages in _SEED_TILES:
+        block_m, block_n = pow2_at_least(problem.m, MIN_DOT, block_m), pow2_at_least(problem.n, MIN_DOT, block_n)
+        block_k = pow2_at_least(problem.k, MIN_DOT, block_k // 2 if fp32 else block_k)
+        while block_m * block_n < warps * 256 and warps > 1:
+            warps //= 2
+        knobs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps,
+                 "num_stages": stages}
+        out.append({**knobs, "input_precision": "tf32"} if fp32 else knobs)
+    if fp32:
+        out.append({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3})
+    first = defaults(problem)
+    tiles = triton.cdiv(problem.m, first["BLOCK_M"]) * triton.cdiv(problem.n, first["BLOCK_N"])
+    split = fill_splits(tiles, problem.k, first["BLOCK_K"], most=8)
+    if split > 1:
+        out.append({"split_k": split})
+    return out
+
+
 KERNELS = [
     KernelSpec(op="gemm", algorithm="tiled", backend="triton", run=run, supports=supports,
-               check=check, defaults=defaults, resources=resources),
+               check=check, defaults=defaults, resources=resources, seeds=seeds),
 ]

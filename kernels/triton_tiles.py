@@ -39,6 +39,9 @@ REGISTERS_PER_BLOCK = 64 * 1024
 MAX_THREAD_REGISTERS = 255
 REGISTER_RESERVE = 32
 REDUCE_BLOCK = 1024
+# Programs a default tries to launch: two per SM of an H100/H200 (132 SMs), so no SM idles while
+# another runs the last, unevenly sized program.
+TARGET_PROGRAMS = 264
 # Offsets in our kernels are int32 (index x stride products of int32 program ids, aranges and
 # int32 sizes): a tensor with more elements than this would wrap and read or write out of bounds.
 MAX_ELEMENTS = 2**31 - 1
@@ -105,6 +108,36 @@ def split_k_reduce(workspace: torch.Tensor, out2d: torch.Tensor, bias=None, relu
 def k_per_split(k: int, split_k: int, block_k: int) -> int:
     """Reduction length per split, a whole number of BLOCK_K steps."""
     return triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+
+
+def splits_launched(k: int, split_k: int, block_k: int) -> int:
+    """Programs per output tile a launch really makes: k_per_split rounds each split up to whole
+    BLOCK_K steps, so the last splits of a large split_k may have nothing left to reduce."""
+    return triton.cdiv(k, k_per_split(k, split_k, block_k))
+
+
+def check_split(k: int, split_k: int, block_k: int, what: str = "K") -> str | None:
+    """A split_k (a power of two) that launches as many programs as split_k // 2 does is a
+    duplicate of it; splits_launched grows with split_k, so comparing with the half suffices."""
+    if split_k < 1:
+        return f"split_k={split_k} must be >= 1"
+    if split_k > 1 and splits_launched(k, split_k, block_k) == splits_launched(k, split_k // 2, block_k):
+        return (f"split_k={split_k} launches no more programs than split_k={split_k // 2} with "
+                f"{what}={k}, BLOCK_K={block_k} (a duplicate)")
+    return None
+
+
+def fill_splits(tiles: int, k: int, block_k: int, most: int, target_programs: int = TARGET_PROGRAMS,
+                min_steps: int = 4) -> int:
+    """The smallest power-of-two split_k (up to `most`) that gives `target_programs` programs,
+    keeping at least `min_steps` BLOCK_K steps per split: a default for a long reduction into a
+    small output (conv bwd_weight) that a split of 1 would leave on a handful of SMs."""
+    split = 1
+    while (tiles * split < target_programs and split * 2 <= most
+           and k_per_split(k, split * 2, block_k) >= min_steps * block_k
+           and check_split(k, split * 2, block_k) is None):
+        split *= 2
+    return split
 
 
 def shared_memory_limit() -> int:

@@ -102,7 +102,7 @@ def test_gemm_correctness_through_measure_evaluate():
     ({"num_warps": 16}, "too many"),
     ({"num_warps": 3}, "num_warps"),
     ({"program_order": "diagonal"}, "program_order"),
-    ({"split_k": 64}, "empty"),
+    ({"split_k": 64}, "duplicate"),
 ])
 def test_check_rejects_with_a_reason(change, words):
     problem = GemmProblem(m=64, n=64, k=64)

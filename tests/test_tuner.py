@@ -201,6 +201,22 @@ def test_warm_start_configs_come_right_after_the_defaults():
     assert len(timer.calls) == 4
 
 
+def test_seed_configs_follow_the_warm_start_and_take_at_most_half_the_budget():
+    seeded = dataclasses.replace(TILED, seeds=lambda problem: [{"BLOCK": 8}, {"BLOCK": 64}, {"order": "ba"},
+                                                             {"BLOCK": 32, "order": "ba"}])
+    timer = FakeTimer()
+    tune(PROBLEM, specs=[seeded, PLAIN], evaluate=timer, trials=6, seed=0, confirm_top=0)
+    # defaults, then the admissible seeds (BLOCK=64 is rejected by check) up to 6 // 2 of them.
+    assert timer.calls[:5] == [("tiled", (("BLOCK", 16), ("order", "ab"))), ("plain", ()),
+                               ("tiled", (("BLOCK", 8), ("order", "ab"))),
+                               ("tiled", (("BLOCK", 16), ("order", "ba"))),
+                               ("tiled", (("BLOCK", 32), ("order", "ba")))]
+    timer = FakeTimer()
+    tune(PROBLEM, specs=[seeded, PLAIN], evaluate=timer, trials=4, seed=0, confirm_top=0)
+    assert timer.calls[2:4] == [("tiled", (("BLOCK", 8), ("order", "ab"))),
+                                ("tiled", (("BLOCK", 16), ("order", "ba")))]
+
+
 def test_a_deadline_shortens_the_candidate_timeout_only_during_the_search():
     """--timeout bounds the candidate in flight; the evaluator's own timeout is restored after
     (the re-timing of finalists and later searches sharing the evaluator need it whole)."""
