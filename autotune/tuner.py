@@ -43,6 +43,7 @@ HYBRID_STARTUP_FRACTION = 0.01  # ... or this share of the valid space, whicheve
 # a space) must leave the model turns, or it is random search (README, "Choosing the default").
 HYBRID_STARTUP_SHARE = 0.25
 HYBRID_EVERY = 3  # after that, one proposal in HYBRID_EVERY stays random
+ALGORITHM_FOCUS = 8  # random turns favour algorithms whose best is near the best (_Proposer._promise)
 VENDOR = "vendor"
 CANDIDATE_TIMEOUT_S = 60.0  # a GPU candidate that takes longer is recorded as a timeout
 CANDIDATE_TIMEOUT_ENV = "AUTOTUNE_CANDIDATE_TIMEOUT_S"  # overrides it (seconds; tests use a few)
@@ -110,7 +111,8 @@ class SamplerPlan:
     random_share: float = 1.0  # the random start takes at most this share of the budget
     # Random turns pick the algorithm first (uniformly among those with configs left), then one
     # of its configs, as a sampler over the conditional space does: an algorithm with 5 configs
-    # is tried as often as one with 42 (uniform over configs would rarely try it at all).
+    # is tried as often as one with 42 (uniform over configs would rarely try it at all), weighted
+    # by how close its best time is to the best (_Proposer._promise).
     by_algorithm: bool = False
 
     def random_turns(self, valid: int, budget: int | None = None) -> int:
@@ -429,6 +431,7 @@ class _Proposer:
         self.unmeasured = {c.key(): c for c in ordered if c.key() not in seen}
         self.defaults = len(head)
         self.rng = random.Random(seed)
+        self.best_by_algorithm: dict[str, float] = {}
         self.invalid = 0
         self.grid = sampler == "grid"
         self.plan = sampler if isinstance(sampler, SamplerPlan) else (
@@ -488,9 +491,20 @@ class _Proposer:
         left = list(self.unmeasured.values())
         algorithms = sorted({c.algorithm for c in left}) if self.plan.by_algorithm else []
         if len(algorithms) > 1:
-            algorithm = self.rng.choice(algorithms)
+            algorithm = self.rng.choices(algorithms, weights=self._promise(algorithms))[0]
             left = [c for c in left if c.algorithm == algorithm]
         return self.rng.choice(left)
+
+    def _promise(self, algorithms: list[str]) -> list[float]:
+        """How often a random turn tries each algorithm: (best time of all / its best time) to the
+        ALGORITHM_FOCUS power, 1 for one not measured yet. Every algorithm's default is measured
+        first, so a sub-space whose best is twice the best time gets ~1/250 of the turns and two
+        within a few percent of each other share them: the budget goes where the optimum can be."""
+        if not self.best_by_algorithm:
+            return [1.0] * len(algorithms)
+        best = min(self.best_by_algorithm.values())
+        return [(best / self.best_by_algorithm[a]) ** ALGORITHM_FOCUS if a in self.best_by_algorithm else 1.0
+                for a in algorithms]
 
     def skip(self, config: Config) -> None:
         """Another worker holds `config`: propose others (the sampler learns its outcome later)."""
@@ -507,6 +521,9 @@ class _Proposer:
 
     def tell(self, config: Config, outcome: Outcome) -> None:
         self.unmeasured.pop(config.key(), None)
+        if outcome.status is Status.OK:
+            t = outcome.measurement.median
+            self.best_by_algorithm[config.algorithm] = min(t, self.best_by_algorithm.get(config.algorithm, t))
         if self.scratch is None:
             return
         self.near.measured(config.key())

@@ -271,3 +271,22 @@ def test_without_a_compile_budget_compiled_kernels_use_the_whole_budget():
     result = tune(PROBLEM, specs=[dataclasses.replace(WIDE, backend="triton"), TILED], evaluate=timer,
                   trials=30, sampler="random", confirm_top=0)
     assert sum(c[0] == "wide" for c in timer.calls) == 24 and result.stopped == ""
+
+
+def test_random_turns_favour_algorithms_whose_best_is_near_the_best():
+    """hybrid's random start picks the algorithm first: weighted by how close its best time is to
+    the best so far, so an algorithm whose default took 3x the best gets almost no turns (uniform
+    turns would give it half of them)."""
+    space = Space(params=(Param(name="BLOCK", values=(1, 2, 3, 4, 5, 6, 7, 8)),))
+    fast, slow = _spec("fast", space, {"BLOCK": 1}), _spec("slow", space, {"BLOCK": 1})
+
+    def timer(problem, spec, knobs):
+        knobs = spec.full_knobs(problem, knobs)
+        calls.append(spec.algorithm)
+        return _ok((3.0 if spec.algorithm == "slow" else 1.0) + knobs["BLOCK"] / 100)
+
+    for seed in range(3):
+        calls = []
+        tune(PROBLEM, specs=[fast, slow], evaluate=timer, sampler="hybrid", trials=12, seed=seed, confirm_top=0)
+        # two defaults, then the random start (a quarter of the budget: 3 turns)
+        assert sorted(calls[:2]) == ["fast", "slow"] and calls[2:5] == ["fast"] * 3, calls
