@@ -189,7 +189,10 @@ def compile_check(problems: Iterable[Problem] | None = None, *, archs: Sequence[
 
 
 def run_jobs(jobs: Sequence[Job], *, workers: int = 2, timeout_s: float = DEFAULT_TIMEOUT_S,
-             progress=None) -> list[Row]:
+             progress=None, fresh: bool = True) -> list[Row]:
+    """Compile `jobs` in `workers` processes. fresh=False lets a config already in Triton's
+    on-disk cache load from it (and what is compiled is stored there either way): that is how
+    `benchmarks/gpu_check.py --prewarm` compiles a search's first configs ahead, in parallel."""
     todo: queue.Queue[tuple[int, Job]] = queue.Queue()
     for i, job in enumerate(jobs):
         todo.put((i, job))
@@ -197,7 +200,7 @@ def run_jobs(jobs: Sequence[Job], *, workers: int = 2, timeout_s: float = DEFAUL
     errors: list[BaseException] = []
 
     def serve() -> None:
-        worker = _Worker()
+        worker = _Worker(fresh=fresh)
         try:
             while True:
                 try:
@@ -222,14 +225,15 @@ def run_jobs(jobs: Sequence[Job], *, workers: int = 2, timeout_s: float = DEFAUL
     return [r for r in results if r is not None]
 
 
-def _worker_env() -> dict[str, str]:
+def _worker_env(fresh: bool = True) -> dict[str, str]:
     """The interpreter off (tests turn it on), this tree first on the path, fresh compiles (an
-    on-disk cache hit would hide the compile time), ptxas's -v log printed (captured by the
-    worker) for registers and spills."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    on-disk cache hit would hide the compile time) unless told otherwise, ptxas's -v log printed
+    (captured by the worker) for registers and spills."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_ALWAYS_COMPILE")}
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    env["TRITON_ALWAYS_COMPILE"] = "1"
+    if fresh:
+        env["TRITON_ALWAYS_COMPILE"] = "1"
     env["TRITON_DUMP_PTXAS_LOG"] = "1"
     env["CUDA_VISIBLE_DEVICES"] = ""  # compile only: never touch a GPU, even where there is one
     return env
@@ -238,12 +242,13 @@ def _worker_env() -> dict[str, str]:
 class _Worker:
     """One `python -m autotune.compile_check` process: a job per line in, a row per line out."""
 
-    def __init__(self) -> None:
+    def __init__(self, fresh: bool = True) -> None:
         self.proc: subprocess.Popen | None = None
+        self.fresh = fresh
 
     def _start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "autotune.compile_check"], env=_worker_env(),
+            [sys.executable, "-m", "autotune.compile_check"], env=_worker_env(self.fresh),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         if self._read(START_TIMEOUT_S, "ready") is None:

@@ -8,6 +8,7 @@ timer (autotune.measure.bench -> triton.testing.do_bench), TF32 allowed exactly 
 winner uses TF32. Prints a table and writes everything as JSON.
 
     python benchmarks/gpu_check.py --budget-s 270          # $OUT/gpu_check.json (or results/)
+    python benchmarks/gpu_check.py --prewarm 14            # first configs compiled ahead in 14 processes
 
 On a machine without CUDA it says so, writes a JSON that says so, and exits 0.
 """
@@ -60,6 +61,39 @@ def torch_time(problem, tf32: bool):
     return bench(lambda: spec.run(problem, knobs, inputs, out), device="cuda")
 
 
+def prewarm_jobs(problem, arch: int) -> list:
+    """The configs a search of `problem` measures first: each Triton kernel's default and seed
+    configs that its check() admits, as compile jobs for `arch`."""
+    from autotune import registry
+    from autotune.compile_check import Job
+
+    jobs = []
+    for spec in registry.kernels_for(problem, "cuda"):
+        if spec.backend != "triton":
+            continue
+        for config in dict.fromkeys([spec.default_config(problem), *spec.seed_configs(problem)]):
+            knobs = spec.full_knobs(problem, config.as_dict())
+            if spec.check(problem, knobs) is None:
+                jobs.append(Job(arch=arch, op=spec.op, algorithm=spec.algorithm,
+                                problem=problem_to_dict(problem), knobs=knobs, source="prewarm"))
+    return jobs
+
+
+def prewarm(problems, arch: int, workers: int) -> dict:
+    """Compile every search's first configs in `workers` processes at once, before the searches
+    (autotune.compile_check's workers, Triton's on-disk cache kept), so each search's own compiles
+    of them are cache loads: a Triton compile (~1 s a config on the H100 machine's CPU) was most
+    of a GPU search's time, one after another."""
+    from autotune.compile_check import run_jobs
+
+    jobs = [job for problem in problems for job in prewarm_jobs(problem, arch)]
+    start = time.monotonic()
+    rows = run_jobs(jobs, workers=workers, fresh=False)
+    return {"configs": len(jobs), "compiled": sum(r.status == "compiled" for r in rows),
+            "seconds": round(time.monotonic() - start, 1),
+            "compile_s_sum": round(sum(r.seconds or 0.0 for r in rows), 1)}
+
+
 def check_problem(problem, evaluate, *, trials: int, timeout_s: float) -> dict:
     from autotune.tuner import tune
 
@@ -98,6 +132,17 @@ def run(args) -> dict:
 
     problems = [p for p in shapes() if re.search(args.only, p.describe())]
     started = time.monotonic()
+    warmed = None
+    if args.prewarm:
+        major, minor = torch.cuda.get_device_capability()
+        try:
+            warmed = prewarm(problems, 10 * major + minor, args.prewarm)
+            print(f"prewarm: {warmed['compiled']}/{warmed['configs']} default and seed configs compiled in "
+                  f"{warmed['seconds']:g} s by {args.prewarm} processes ({warmed['compile_s_sum']:g} s of "
+                  "compiling)", flush=True)
+        except Exception as exc:  # noqa: BLE001 - the searches run without it
+            warmed = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            print(f"prewarm failed, searching without it: {warmed['error']}", flush=True)
     rows = []
     print(f"{'problem':<58} {'triton ms':>10} {'torch ms':>10} {'speedup':>7}  winner algorithm", flush=True)
     with IsolatedEvaluator(device="cuda", timeout_s=args.candidate_timeout_s) as evaluate:
@@ -119,7 +164,7 @@ def run(args) -> dict:
     won = [r for r in rows if r.get("winner") == "triton"]
     print(f"Triton wins {len(won)} of {sum('winner' in r for r in rows)} shapes "
           f"(speedup = torch ms / Triton ms; > 1 means Triton is faster)")
-    return {"rows": rows, "seconds": round(time.monotonic() - started, 1)}
+    return {"rows": rows, "prewarm": warmed, "seconds": round(time.monotonic() - started, 1)}
 
 
 def environment() -> dict:
@@ -140,6 +185,9 @@ def main(argv=None) -> int:
                         help="most configs per shape (the time share per shape usually stops it first)")
     parser.add_argument("--only", default="", metavar="REGEX",
                         help="check only the problems whose description matches (e.g. 'bwd_weight|gemm')")
+    parser.add_argument("--prewarm", type=int, default=0, metavar="WORKERS",
+                        help="compile every shape's default and seed configs in this many processes "
+                        "before the searches (Triton's cache then serves the searches' compiles); 0: off")
     parser.add_argument("--candidate-timeout-s", type=float, default=60.0)
     parser.add_argument("--out", default=None, help="JSON path (default $OUT/gpu_check.json or results/)")
     args = parser.parse_args(argv)

@@ -56,5 +56,9 @@ fi
 budget=$(( ${GPU_CHECK_TOTAL_S:-480} - SECONDS - 70 ))
 (( budget < 60 )) && budget=60
 echo "tuning budget: ${budget} s"
-timeout $(( budget + 60 )) "$PY" benchmarks/gpu_check.py --budget-s "$budget" "$@"
+# Every shape's default and seed configs are compiled first, in all but two of the machine's
+# cores (GPU_CHECK_PREWARM=0 turns it off, e.g. to compare with a run without it).
+cores=$(nproc)
+prewarm=${GPU_CHECK_PREWARM:-$(( cores > 3 ? cores - 2 : 0 ))}
+timeout $(( budget + 60 )) "$PY" benchmarks/gpu_check.py --budget-s "$budget" --prewarm "$prewarm" "$@"
 echo "gpu_check.py: exit $?"

@@ -186,3 +186,26 @@ def test_implicit_gemm_rejects_gathers_that_spill_heavily():
         reason = spec.check(problem, knobs)
         assert reason is not None and "288 elements" in reason and "spills" in reason
         assert spec.check(problem, {**knobs, "BLOCK_N": 32}) is None  # 96 a thread
+
+
+def test_prewarm_compiles_the_searchs_first_configs_into_tritons_cache(tmp_path, monkeypatch):
+    """benchmarks/gpu_check.py --prewarm: each Triton kernel's default and seed configs that
+    check() admits, compiled by the compile-check workers with Triton's on-disk cache kept (the
+    workers inherit TRITON_CACHE_DIR), so a search's own compiles of them are loads."""
+    import sys
+    from pathlib import Path
+
+    from autotune.compile_check import run_jobs
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import gpu_check
+
+    problem = GemmProblem(m=64, n=64, k=64, dtype="float16")
+    jobs = gpu_check.prewarm_jobs(problem, 90)
+    default = GEMM.full_knobs(problem, {})
+    assert jobs[0].knobs == default and len(jobs) >= 2  # the default, then seeds shrunk to 64x64
+    assert all(GEMM.check(problem, job.knobs) is None for job in jobs)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    rows = run_jobs(jobs[:1], workers=1, fresh=False)
+    assert [r.status for r in rows] == ["compiled"], rows
+    assert list(tmp_path.rglob("*.cubin")), "nothing was written to Triton's cache"
