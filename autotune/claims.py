@@ -60,6 +60,11 @@ def heartbeat_timeout_s() -> float:
     return seconds_from_env(HEARTBEAT_TIMEOUT_ENV, HEARTBEAT_TIMEOUT_S)
 
 
+def is_database_url(url: str | None) -> bool:
+    """Whether an Optuna storage URL is a database (SQLAlchemy) rather than memory or a journal file."""
+    return url is not None and url.startswith(("sqlite", "postgresql", "mysql"))
+
+
 def generation_name(study: str, generation: int) -> str:
     """The Optuna study of one generation: the name itself for the first, `<name>-g<N>` after."""
     return study if generation == 0 else f"{study}-g{generation}"

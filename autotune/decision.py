@@ -120,9 +120,10 @@ def share(storage: str, entry: Entry) -> None:
     """The entry into the database's results table, for `autotune cache pull` on other machines
     (a storage without one, e.g. Optuna's journal files, is skipped; a failure is a warning: the
     local cache has the entry)."""
-    if not storage.startswith(("sqlite", "postgresql", "mysql")):
+    from autotune import claims, results_db
+
+    if not claims.is_database_url(storage):
         return
-    from autotune import results_db
 
     try:
         results_db.for_url(storage).put([entry])

@@ -298,6 +298,10 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+# Our layer classes and the torch classes they stand in for (patch swaps one for the other).
+TORCH_CLASS = {Conv2d: nn.Conv2d, Linear: nn.Linear}
+
+
 def _patchable_conv(m: nn.Conv2d) -> bool:
     square = all(len(set(v)) == 1 for v in (m.stride, m.padding if not isinstance(m.padding, str) else (0,), m.dilation))
     return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str) and square
@@ -405,9 +409,9 @@ def run_layer(call: LayerCall, choices: tuple, x: torch.Tensor, w: torch.Tensor,
 
 def _plain_forward(model: nn.Module, example: torch.Tensor) -> None:
     """A forward pass with torch's own ops (the model may be patched: undo it meanwhile)."""
-    patched = [(m, type(m)) for m in model.modules() if type(m) in (Conv2d, Linear)]
+    patched = [(m, type(m)) for m in model.modules() if type(m) in TORCH_CLASS]
     for m, cls in patched:
-        m.__class__ = nn.Conv2d if cls is Conv2d else nn.Linear
+        m.__class__ = TORCH_CLASS[cls]
     try:
         model(example)
     finally:

@@ -44,11 +44,8 @@ class Results:
         found = {}
         with self.engine.connect() as conn:
             for key, text in conn.execute(sa.select(results_table.c.key, results_table.c.entry_json)):
-                try:
-                    entry = Entry.from_dict(json.loads(text))
-                except (ValueError, EntryFormatError):
-                    continue
-                if entry.trustworthy:
+                entry = _parse(text)
+                if entry is not None and entry.trustworthy:
                     found[key] = entry
         return found
 

@@ -26,7 +26,7 @@ from torch import nn
 from autotune import dispatch, layer_check, registry
 from autotune.cache import Cache
 from autotune.entry import VENDOR
-from autotune.nn import Conv2d, LayerCall, Linear, layer_calls, patch
+from autotune.nn import TORCH_CLASS, LayerCall, layer_calls, patch
 
 LEAVE_ONE_OUT_MAX = 8  # beyond this many layers on our kernels, the model is checked all or nothing
 
@@ -95,8 +95,8 @@ def _keeping(tuned: nn.Module, problems: list, kept: tuple) -> nn.Module:
     model = copy.deepcopy(tuned)
     wanted = {c.problems[0] for c in kept}
     for module, problem in zip(model.modules(), problems, strict=True):
-        if type(module) in (Conv2d, Linear) and problem not in wanted:
-            module.__class__ = nn.Conv2d if type(module) is Conv2d else nn.Linear
+        if type(module) in TORCH_CLASS and problem not in wanted:
+            module.__class__ = TORCH_CLASS[type(module)]
     return model
 
 

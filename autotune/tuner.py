@@ -637,7 +637,7 @@ def _storage(url: str | None):
     """Optuna's storage for `url`. Workers that open a new database at once race to create its
     tables and its alembic_version row: the loser retries (the tables are then there). SQLite
     writers queue for the lock instead of failing (claims.serialise_sqlite)."""
-    if url is None or not url.startswith(("sqlite", "postgresql", "mysql")):
+    if not claims.is_database_url(url):
         return url
     if not url.startswith("sqlite"):
         return claims.retry_creating(lambda: optuna.storages.RDBStorage(url))

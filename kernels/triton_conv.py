@@ -54,6 +54,8 @@ from kernels.triton_tiles import (
     pow2_at_least,
     require_device,
     split_k_reduce,
+    splits_launched,
+    warps_for,
 )
 
 LOOP_ORDERS = ("flat", "taps_outer", "channels_outer")
@@ -461,7 +463,7 @@ def implicit_gemm_shared(problem: Conv2dProblem, knobs) -> int:
     out_size = None
     if problem.op == "conv2d_bwd_weight":
         red = gemm_dims(problem)[2]
-        split = knobs["split_k"] > 1 and k_per_split(red, knobs["split_k"], knobs["BLOCK_K"]) < red
+        split = splits_launched(red, knobs["split_k"], knobs["BLOCK_K"]) > 1
         out_size = 4 if split else element_size(problem.dtype)
     return dot_shared(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["BLOCK_K"], problem.dtype,
                       capability=capability(), num_warps=knobs["num_warps"],
@@ -492,13 +494,6 @@ def check_direct(problem: Conv2dProblem, knobs) -> str | None:
     return check_registers(-(-tile // threads), knobs["num_warps"])
 
 
-def _warps_for(tile_elements: int, per_warp: int, most: int = 8) -> int:
-    warps = most
-    while warps > 1 and tile_elements < warps * per_warp:
-        warps //= 2
-    return warps
-
-
 def implicit_gemm_defaults(problem: Conv2dProblem | None, op: str = "conv2d") -> dict:
     """A safe first guess shrunk to the problem; the registry calls it with None for the names."""
     m, n, red = gemm_dims(problem.with_op(op)) if problem is not None else (128, 64, 32)
@@ -508,7 +503,7 @@ def implicit_gemm_defaults(problem: Conv2dProblem | None, op: str = "conv2d") ->
     block_k = pow2_at_least(red, 16, 64 if wide else 32)
     knobs = {
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-        "num_warps": _warps_for(block_m * block_n, 256, 4), "num_stages": DEFAULT_STAGES,
+        "num_warps": warps_for(block_m * block_n, 256, 4), "num_stages": DEFAULT_STAGES,
         "input_precision": "ieee",
     }
     if op == "conv2d_bwd_weight":
@@ -530,7 +525,7 @@ def direct_defaults(problem: Conv2dProblem | None) -> dict:
     tile = block_filters * block_rows * block_cols
     return {
         "BLOCK_FILTERS": block_filters, "BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols,
-        "num_warps": _warps_for(tile, 32, 4),
+        "num_warps": warps_for(tile, 32, 4),
     }
 
 
@@ -562,7 +557,7 @@ def implicit_gemm_seeds(problem: Conv2dProblem) -> list[dict]:
         # Shrunk to the problem (LeNet's 6 filters want a 16-wide tile, not 64).
         block_m, block_n = pow2_at_least(m, 16, block_m), pow2_at_least(n, 16, block_n)
         block_k = pow2_at_least(red, 16, block_k)
-        warps = _warps_for(block_m * block_n, 256, warps)
+        warps = warps_for(block_m * block_n, 256, warps)
         knobs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}
         if problem.op == "conv2d_bwd_weight":
             tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)

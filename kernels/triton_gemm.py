@@ -50,6 +50,8 @@ from kernels.triton_tiles import (
     pow2_at_least,
     require_device,
     split_k_reduce,
+    splits_launched,
+    warps_for,
 )
 
 PROGRAM_ORDERS = ("row_major", "column_major")
@@ -209,7 +211,7 @@ def shared_bytes(problem: GemmProblem, knobs) -> int:
     (along M when transposed), B along N (along K when transposed). The store converts the tile
     in the output's type, float32 for a split-K workspace."""
     m, n, k = problem.m, problem.n, problem.k
-    split = knobs["split_k"] > 1 and k_per_split(k, knobs["split_k"], knobs["BLOCK_K"]) < k
+    split = splits_launched(k, knobs["split_k"], knobs["BLOCK_K"]) > 1
     return dot_shared(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["BLOCK_K"], problem.dtype,
                       capability=capability(), num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
                       input_precision=knobs["input_precision"],
@@ -233,9 +235,7 @@ def defaults(problem: GemmProblem | None) -> dict:
     block_m = pow2_at_least(m, MIN_DOT, 128)
     block_n = pow2_at_least(n, MIN_DOT, 128)
     block_k = pow2_at_least(k, MIN_DOT, 64 if wide else 32)
-    warps = 8 if block_m * block_n >= 128 * 128 else 4
-    while block_m * block_n < warps * 256 and warps > 1:
-        warps //= 2
+    warps = warps_for(block_m * block_n, 256, 8 if block_m * block_n >= 128 * 128 else 4)
     return {
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
         "GROUP_M": 8, "program_order": "row_major", "split_k": 1,
@@ -263,9 +263,8 @@ def seeds(problem: GemmProblem) -> list[dict]:
     for block_m, block_n, block_k, warps, stages in _SEED_TILES:
         block_m, block_n = pow2_at_least(problem.m, MIN_DOT, block_m), pow2_at_least(problem.n, MIN_DOT, block_n)
         block_k = pow2_at_least(problem.k, MIN_DOT, block_k // 2 if fp32 else block_k)
-        while block_m * block_n < warps * 256 and warps > 1:
-            warps //= 2
-        knobs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps,
+        knobs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                 "num_warps": warps_for(block_m * block_n, 256, warps),
                  "num_stages": stages}
         out.append({**knobs, "input_precision": "tf32"} if fp32 else knobs)
     if fp32:

@@ -227,5 +227,13 @@ def thread_register_cap(num_warps: int) -> int:
     return min(MAX_THREAD_REGISTERS, REGISTERS_PER_BLOCK // (num_warps * 32))
 
 
+def warps_for(tile_elements: int, per_warp: int, most: int = 8) -> int:
+    """The most warps (from `most`, halving) that each get at least `per_warp` tile elements."""
+    warps = most
+    while warps > 1 and tile_elements < warps * per_warp:
+        warps //= 2
+    return warps
+
+
 def pow2_at_least(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
