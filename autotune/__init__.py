@@ -5,6 +5,7 @@ shape, and pick them per layer at run time.
     y = autotune.conv2d(x, w, b, stride=1, padding=2)   # autograd-enabled, dispatched per shape
     entry = autotune.search(autotune.parse_problem("conv2d", "3x32x32"))  # cached, or tune + store
     model = autotune.patch(model)                        # nn.Conv2d / nn.Linear -> tuned modules
+    opt = autotune.flat_optimizer(model.parameters(), torch.optim.Adadelta, lr=1.0)  # one flat buffer
     with autotune.policy("benchmark"):                   # like cudnn.benchmark, but persistent
         train(model)
 
@@ -17,6 +18,7 @@ from autotune.decision import search
 from autotune.dispatch import chosen, get_policy, policy, reset, select, set_policy, stats, uncached
 from autotune.entry import Entry
 from autotune.errors import AutotuneError
+from autotune.flat_params import flat_optimizer
 from autotune.lenet import LeNet5, lenet_problems
 from autotune.nn import Conv2d, Linear, conv2d, linear, patch
 from autotune.problem import Conv2dProblem, GemmProblem, parse_problem
@@ -37,6 +39,7 @@ __all__ = [
     "Linear",
     "chosen",
     "conv2d",
+    "flat_optimizer",
     "get_policy",
     "lenet_problems",
     "linear",

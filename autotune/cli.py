@@ -25,7 +25,7 @@ from autotune.progress import bar as progress_bar
 from autotune.report import format_pairs, format_table, knobs_text, ms, problem_text, ratio
 from autotune.stopping import DEFAULT_CALLS
 
-SAMPLER_CHOICES = ("hybrid", "tpe", "random", "grid", "cmaes")
+SAMPLER_CHOICES = ("hybrid", "hybrid-local", "tpe", "random", "grid", "cmaes")
 DEFAULT_TRIALS = 40
 SHOW_KNOBS_WIDTH = 30  # `show` fits in 100 columns: longer knob lists end in "…" (--json has them all)
 SHOW_OP = {"conv2d": "conv", "conv2d_bwd_data": "conv.dx", "conv2d_bwd_weight": "conv.dw"}
@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_TRIALS}; on a cached shape, with --force)")
     search.add_argument("--timeout", type=float, help="stop the search after this many seconds")
     search.add_argument("--sampler", default="hybrid", choices=SAMPLER_CHOICES,
-                        help="hybrid (default: random, then TPE), tpe, random, grid (exhaustive) or cmaes")
+                        help="hybrid (default: random, then TPE), hybrid-local (random, then hill-climbing "
+                        "from the best configs: better on small budgets), tpe, random, grid (exhaustive) or cmaes")
     search.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     search.add_argument("--storage", help="Optuna storage URL (default: sqlite in the cache dir, "
                         "so an interrupted search resumes)")

@@ -35,3 +35,8 @@ class CacheWriteError(AutotuneError):
 class PluginError(AutotuneError):
     """A user's kernel module (AUTOTUNE_PLUGINS or entry point `autotune.kernels`) that does not
     import, has no KERNELS list of KernelSpecs, or reuses a built-in (op, algorithm)."""
+
+
+class OptimizerError(AutotuneError, ValueError):
+    """An optimizer that cannot update flattened parameters (its update is not elementwise), or
+    nothing to flatten."""

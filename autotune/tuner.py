@@ -12,6 +12,7 @@ kernel's constraints reject costs nothing and does not count.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -36,7 +37,7 @@ from autotune.progress import bar as progress_bar
 from autotune.space import Config, Param
 from autotune.stopping import CompileBudget, StopRule
 
-SAMPLERS = ("tpe", "hybrid", "random", "grid", "cmaes")
+SAMPLERS = ("tpe", "hybrid", "hybrid-local", "random", "grid", "cmaes")
 HYBRID_STARTUP = 16  # configs measured at random before the model proposes...
 HYBRID_STARTUP_FRACTION = 0.01  # ... or this share of the valid space, whichever is more...
 # ... but at most this share of the budget: a short search (the `tune` policy's 12 configs, 2% of
@@ -114,6 +115,12 @@ class SamplerPlan:
     # is tried as often as one with 42 (uniform over configs would rarely try it at all), weighted
     # by how close its best time is to the best (_Proposer._promise).
     by_algorithm: bool = False
+    # After the random start, proposal j (j = 1, 2, ...) that is not a random turn is a local turn
+    # when j % local_every == 1: the nearest unmeasured config to the best one of an algorithm
+    # (picked by promise, as random turns pick it). 0: never. A hill-climbing step: a kernel's
+    # optimum is often one knob step from a good config (LeNet's tensordot batch_chunk 4 next to
+    # its default 16), which a model with a handful of points rarely proposes.
+    local_every: int = 0
 
     def random_turns(self, valid: int, budget: int | None = None) -> int:
         turns = max(self.random_first, round(self.random_fraction * valid))
@@ -137,7 +144,7 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     """The Optuna sampler behind `name` (for hybrid: its model, TPE)."""
     if name == "tpe":
         return _tpe(seed)
-    if name == "hybrid":
+    if name in ("hybrid", "hybrid-local"):
         return _tpe(seed, startup=0)  # the plan's random start stands in for TPE's own
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -165,6 +172,11 @@ def sampler_plan(name: str) -> SamplerPlan:
         return SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=HYBRID_STARTUP,
                            random_fraction=HYBRID_STARTUP_FRACTION, random_share=HYBRID_STARTUP_SHARE,
                            random_every=HYBRID_EVERY, by_algorithm=True)
+    if name == "hybrid-local":
+        # hybrid whose model turns are hill-climbing steps (local_every=1): the better plan for
+        # small budgets and spaces whose optimum sits one knob from a good config, the worse one
+        # for spaces of many far-apart good configs (README, "Choosing the default sampler").
+        return dataclasses.replace(sampler_plan("hybrid"), local_every=1)
     return SamplerPlan(model=functools.partial(make_sampler, name))
 
 
@@ -432,6 +444,9 @@ class _Proposer:
         self.defaults = len(head)
         self.rng = random.Random(seed)
         self.best_by_algorithm: dict[str, float] = {}
+        self.best_config: dict[str, Config] = {}  # the config behind each best_by_algorithm
+        for key, outcome in seen.items():  # a resumed study's measurements count too
+            self._note_best(_config_from_key(key), outcome)
         self.invalid = 0
         self.grid = sampler == "grid"
         self.plan = sampler if isinstance(sampler, SamplerPlan) else (
@@ -465,9 +480,11 @@ class _Proposer:
             return next(iter(self.unmeasured.values()))
         self.turns += 1
         plan = self.plan
-        if plan.model is None or self.turns <= self.random_first or (
-                plan.random_every and (self.turns - self.random_first) % plan.random_every == 0):
+        j = self.turns - self.random_first
+        if plan.model is None or j <= 0 or (plan.random_every and j % plan.random_every == 0):
             return self._random()
+        if plan.local_every and j % plan.local_every == 1 % plan.local_every and self.best_config:
+            return self._local()
         trial = self.scratch.ask()
         algorithm = trial.suggest_categorical("algorithm", list(self.by_name))
         spec = self.by_name[algorithm]
@@ -495,6 +512,15 @@ class _Proposer:
             left = [c for c in left if c.algorithm == algorithm]
         return self.rng.choice(left)
 
+    def _local(self) -> Config:
+        """A hill-climbing step: the nearest unmeasured config (fewest knob steps) to the best
+        measured config of an algorithm drawn by promise, among algorithms with configs left."""
+        algorithms = sorted({c.algorithm for c in self.unmeasured.values()} & set(self.best_config))
+        if not algorithms:
+            return self._random()
+        algorithm = self.rng.choices(algorithms, weights=self._promise(algorithms))[0]
+        return self.near.nearest(self.best_config[algorithm], self.unmeasured, self.rng)
+
     def _promise(self, algorithms: list[str]) -> list[float]:
         """How often a random turn tries each algorithm: (best time of all / its best time) to the
         ALGORITHM_FOCUS power, 1 for one not measured yet. Every algorithm's default is measured
@@ -521,14 +547,18 @@ class _Proposer:
 
     def tell(self, config: Config, outcome: Outcome) -> None:
         self.unmeasured.pop(config.key(), None)
-        if outcome.status is Status.OK:
-            t = outcome.measurement.median
-            self.best_by_algorithm[config.algorithm] = min(t, self.best_by_algorithm.get(config.algorithm, t))
+        self._note_best(config, outcome)
         if self.scratch is None:
             return
         self.near.measured(config.key())
         trial = self._pending.pop(config.key(), None) or self._trial_for(config)
         self._tell(trial, outcome)
+
+    def _note_best(self, config: Config, outcome: Outcome) -> None:
+        if outcome.status is Status.OK and outcome.measurement.median < self.best_by_algorithm.get(
+                config.algorithm, math.inf):
+            self.best_by_algorithm[config.algorithm] = outcome.measurement.median
+            self.best_config[config.algorithm] = config
 
     def _trial_for(self, config: Config) -> optuna.Trial:
         """A scratch trial that proposes exactly `config` (history, random turns, nearest configs)."""

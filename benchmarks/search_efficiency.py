@@ -27,6 +27,7 @@ Writes results/search_efficiency.json and prints a Markdown table (the README's)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import statistics
@@ -55,6 +56,10 @@ VARIANTS = {
                              random_fraction=0.01, random_every=3),
     "hybrid-16": SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=16, random_every=3),
     "hybrid-r2": SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=16, random_every=2),
+    # hybrid with hill-climbing turns (SamplerPlan.local_every)
+    "hybrid-local": "hybrid-local",  # hybrid-l1 (the tuner's sampler of that name)
+    "hybrid-l2": dataclasses.replace(sampler_plan("hybrid"), local_every=2),
+    "hybrid-l4": dataclasses.replace(sampler_plan("hybrid"), local_every=4),
     "random": "random",
     "cmaes": "cmaes",
     "gp": SamplerPlan(model=lambda seed: optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)),

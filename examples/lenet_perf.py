@@ -39,20 +39,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def adadelta(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """The example's optimizer. foreach=True updates all parameters in a few multi-tensor ops
-    (torch's default only on GPUs): on the CPU the per-parameter loop cost LeNet's step as much as
-    its convolutions. Tuned and untuned steps use the same optimizer."""
+def adadelta(model: torch.nn.Module, lr: float, *, flat: bool = False) -> torch.optim.Optimizer:
+    """The example's optimizer. Untuned: torch's Adadelta with foreach=True, all parameters in a
+    few multi-tensor ops (torch's default only on GPUs: on the CPU its per-parameter loop cost
+    LeNet's step as much as its convolutions). flat (the tuned run): the same update over one flat
+    buffer of all parameters (autotune.flat_optimizer), a few whole-buffer ops."""
+    if flat:
+        return autotune.flat_optimizer(model.parameters(), torch.optim.Adadelta, lr=lr)
     return torch.optim.Adadelta(model.parameters(), lr=lr, foreach=True)
 
 
-def copies(model: torch.nn.Module, device: torch.device, lr: float) -> dict[str, tuple]:
-    """An untuned and a tuned copy of `model` (same weights), each with its own Adadelta."""
+# --compare's modes: (layers patched, flat optimizer). "flat optimizer" is torch's layers with the
+# tuned run's optimizer: how much of the tuned step's gain is the optimizer's.
+MODES = {"untuned": (False, False), "tuned": (True, True), "flat optimizer": (False, True)}
+
+
+def copies(model: torch.nn.Module, device: torch.device, lr: float,
+           modes: tuple[str, ...] = ("untuned", "tuned")) -> dict[str, tuple]:
+    """Copies of `model` (same weights) per mode, each with its own Adadelta."""
     plain = autotune.LeNet5().to(device)
     plain.load_state_dict(model.state_dict())  # state_dict keys are the same patched or not
-    tuned = autotune.patch(copy.deepcopy(plain))
-    return {name: (m, adadelta(m, lr))
-            for name, m in (("untuned", plain), ("tuned", tuned))}
+    out = {}
+    for name in modes:
+        patched, flat = MODES[name]
+        m = copy.deepcopy(plain)
+        if patched:
+            autotune.patch(m)
+        out[name] = (m, adadelta(m, lr, flat=flat))
+    return out
 
 
 def fixed_batches(data, batch_size: int, count: int, device: torch.device, seed: int) -> list[tuple]:
@@ -82,22 +96,25 @@ def compare_tuned(model, data, args, device, *, steps: int = 4) -> dict:
     so the ratio means more than two back-to-back runs would.
     """
     blocks = max(2, -(-args.compare_steps // steps))
-    pairs = copies(model, device, args.lr)
+    pairs = copies(model, device, args.lr, tuple(MODES))
     batches = fixed_batches(data, args.batch_size, steps, device, args.seed)
     for m, opt in pairs.values():  # the first steps select (maybe benchmark) kernels: not timed
         _timed_steps(m, opt, batches[:2], device)
-    times: dict[str, list[float]] = {"untuned": [], "tuned": []}
+    times: dict[str, list[float]] = {name: [] for name in pairs}
     for block in range(blocks):
-        order = ("untuned", "tuned") if block % 2 == 0 else ("tuned", "untuned")
+        order = list(pairs) if block % 2 == 0 else list(reversed(pairs))
         for name in order:
             times[name] += _timed_steps(*pairs[name], batches, device)
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     ratio = ms["tuned"] / ms["untuned"]
+    flat_ratio = ms["flat optimizer"] / ms["untuned"]
     print(f"compare (batch {args.batch_size}, {blocks * steps} steps each, interleaved): tuned "
           f"{ms['tuned']:.2f} ms/step, untuned {ms['untuned']:.2f} ms/step, "
-          f"ratio tuned/untuned {ratio:.3f}")
+          f"ratio tuned/untuned {ratio:.3f} (torch's layers with the flat optimizer alone: "
+          f"{ms['flat optimizer']:.2f} ms/step, {flat_ratio:.3f})")
     return {"batch_size": args.batch_size, "tuned_ms": ms["tuned"], "untuned_ms": ms["untuned"],
-            "ratio": ratio, "steps": blocks * steps}
+            "ratio": ratio, "flat_optimizer_ms": ms["flat optimizer"], "flat_optimizer_ratio": flat_ratio,
+            "steps": blocks * steps}
 
 
 # ---------------------------------------------------------------- --compare-batch-sizes

@@ -230,7 +230,7 @@ def selections_since(before: dict[str, int]) -> dict[str, int]:
 
 def train(args, data, device) -> tuple[torch.nn.Module, dict]:
     model = build_model(args.seed, device, args.tuned)
-    optimizer = lenet_perf.adadelta(model, args.lr)
+    optimizer = lenet_perf.adadelta(model, args.lr, flat=args.tuned)
     scheduler = StepLR(optimizer, step_size=1, gamma=args.gamma)
     writer = lenet_perf.open_writer(args.tensorboard, model, data, device) if args.tensorboard else None
     epochs, losses = [], []
