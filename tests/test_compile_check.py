@@ -209,3 +209,16 @@ def test_prewarm_compiles_the_searchs_first_configs_into_tritons_cache(tmp_path,
     rows = run_jobs(jobs[:1], workers=1, fresh=False)
     assert [r.status for r in rows] == ["compiled"], rows
     assert list(tmp_path.rglob("*.cubin")), "nothing was written to Triton's cache"
+
+
+def test_mma_sync_epilogue_model_matches_what_ptxas_allocated():
+    # metadata.shared of compiled sm_80 split-K GEMMs (float32 workspace) in the compile-check
+    # sample: a thread's whole accumulator when it is at most 128 bytes, else rounds of half of
+    # it, at most 256 bytes a thread.
+    from kernels.triton_smem import epilogue_bytes
+
+    observed = {(64, 32, 2): 8192, (64, 128, 8): 32768,  # 128 B a thread: at once
+                (64, 128, 4): 16384, (256, 64, 8): 32768,  # 256 B: two rounds of 128
+                (128, 128, 4): 32768, (128, 256, 8): 65536}  # 512 B: rounds of 256
+    for (m, n, warps), shared in observed.items():
+        assert epilogue_bytes(m, n, warps, 4, fma=False, wgmma=False) == shared
