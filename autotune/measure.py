@@ -4,7 +4,9 @@ Correct first: every candidate runs on fresh random inputs into a NaN-poisoned o
 compared with a float64 reference; only then is it timed. Timing warms up, repeats within a
 millisecond budget and reports the median and the 20th/80th percentiles. GPU timing uses
 `triton.testing.do_bench` (CUDA events, L2 flushed between runs); CPU timing uses
-`time.perf_counter` the same way.
+`time.perf_counter` over back-to-back runs, caches warm (no flush: a small kernel's time inside a
+training step can be 2-3x its time here, which is what the layer and step checks are for; see
+the README's "Measured on the development machine").
 """
 
 from __future__ import annotations
