@@ -88,3 +88,16 @@ def test_optimizers_whose_update_is_not_elementwise_are_refused():
         autotune.flat_optimizer(model.parameters(), torch.optim.LBFGS, lr=1.0)
     with pytest.raises(OptimizerError, match="no parameters"):
         autotune.flat_optimizer([], torch.optim.Adadelta, lr=1.0)
+
+
+def test_step_hooks_and_the_profiler_label_still_work():
+    _, model = _pair()
+    optimizer = autotune.flat_optimizer(model.parameters(), torch.optim.Adadelta, lr=1.0)
+    calls = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("post"))
+    _train(model, optimizer, steps=2)
+    assert calls == ["pre", "post"] * 2
+    with torch.profiler.profile() as prof:
+        _train(model, optimizer, steps=1)
+    assert any(e.key == "Optimizer.step#FlatAdadelta.step" for e in prof.key_averages())
