@@ -37,11 +37,11 @@ class FlatParameters:
     (device, dtype); `parameters` are the flat buffers as nn.Parameters, for an optimizer."""
 
     def __init__(self, params: Iterable[nn.Parameter]):
-        self.params = [p for p in dict.fromkeys(params) if p.requires_grad]
-        if not self.params:
+        params = [p for p in dict.fromkeys(params) if p.requires_grad]
+        if not params:
             raise OptimizerError("no parameters that require grad to flatten")
         groups: dict[tuple, list[nn.Parameter]] = {}
-        for p in self.params:
+        for p in params:
             groups.setdefault((p.device, p.dtype), []).append(p)
         self.parameters: list[nn.Parameter] = []
         self.views: list[tuple[nn.Parameter, torch.Tensor]] = []  # (parameter, its gradient view)
@@ -140,15 +140,11 @@ class FlatAdadelta(torch.optim.Adadelta):
 
 class _OnFlatBuffers:
     """Mixed into the optimizer's class: zero_grad zeroes the flat gradients in place (setting
-    them to None would cut the parameters' views), and step first takes back any gradient that
-    was replaced. A subclass rather than patched methods, so LR schedulers (which wrap
-    `type(optimizer).step`) and torch's step hooks work as with the plain class."""
+    them to None would cut the parameters' views); the class's step (_flat_step) first takes back
+    any gradient that was replaced. A subclass rather than patched methods, so LR schedulers and
+    torch's step hooks work as with the plain class."""
 
     flat_parameters: FlatParameters
-
-    def step(self, closure=None):
-        self.flat_parameters.reattach()
-        return super().step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.flat_parameters.zero_grad()
@@ -156,31 +152,38 @@ class _OnFlatBuffers:
 
 @functools.cache
 def _flat_class(base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
-    cls = type(f"Flat{base.__name__}" if base is not FlatAdadelta else base.__name__, (_OnFlatBuffers, base),
-               {"__module__": __name__, "__doc__": base.__doc__})
-    cls.step = _hooks_when_needed(cls.step)
-    return cls
+    name = f"Flat{base.__name__}" if base is not FlatAdadelta else base.__name__
+    return type(name, (_OnFlatBuffers, base),
+                {"__module__": __name__, "__doc__": base.__doc__, "step": _flat_step(base)})
 
 
-def _hooks_when_needed(plain):
-    """The class's step, wrapped as torch wraps every optimizer's step (a profiler label, the
-    step pre/post hooks) only while a profiler listens or a hook is registered: torch's wrapper
-    costs ~40 µs a call even with nothing to do, a fifth of FlatAdadelta's step over LeNet.
-    Marked `hooked` so Optimizer.__init__ does not wrap it again."""
-    hooked = torch.optim.Optimizer.profile_hook_step(plain)
+def _flat_step(base: type[torch.optim.Optimizer]):
+    """The flat class's step: the base class's update, wrapped as torch wraps every optimizer's
+    step (a profiler label, the step pre/post hooks) only while a profiler listens or a hook is
+    registered: torch's wrapper costs ~40 µs a call even with nothing to do, a fifth of
+    FlatAdadelta's step over LeNet. Marked `hooked` so Optimizer.__init__ does not wrap it again.
+    Once any instance of `base` exists, torch has wrapped base.step itself: that wrapper is
+    skipped (its `__wrapped__` called), or the hooks would run twice."""
     module = sys.modules.get(torch.optim.Optimizer.__module__)  # torch.optim.optimizer
     global_pre = getattr(module, "_global_optimizer_pre_hooks", None)
     global_post = getattr(module, "_global_optimizer_post_hooks", None)
 
-    @functools.wraps(plain)
+    def update(self, closure=None):
+        self.flat_parameters.reattach()
+        step = base.step
+        return (step.__wrapped__ if getattr(step, "hooked", False) else step)(self, closure)
+
+    hooked = torch.optim.Optimizer.profile_hook_step(update)
+
     def step(self, closure=None):
         if (global_pre is None or global_post is None or global_pre or global_post
                 or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
                 or torch.autograd.profiler._is_profiler_enabled):
             return hooked(self, closure)
-        return plain(self, closure)
+        return update(self, closure)
 
     step.hooked = True
+    step.__doc__ = base.step.__doc__
     return step
 
 

@@ -101,3 +101,15 @@ def test_step_hooks_and_the_profiler_label_still_work():
     with torch.profiler.profile() as prof:
         _train(model, optimizer, steps=1)
     assert any(e.key == "Optimizer.step#FlatAdadelta.step" for e in prof.key_averages())
+
+
+def test_hooks_run_once_after_torch_wrapped_the_base_class():
+    # Creating an ordinary Adam makes torch wrap Adam.step (label and hooks) on the class; the
+    # flat subclass's step must not run that wrapper on top of its own.
+    torch.optim.Adam(autotune.LeNet5().parameters())
+    _, model = _pair()
+    optimizer = autotune.flat_optimizer(model.parameters(), torch.optim.Adam, lr=1e-3)
+    calls = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    _train(model, optimizer, steps=2)
+    assert calls == ["pre", "pre"]
