@@ -20,8 +20,8 @@ from autotune.entry import Entry
 from autotune.errors import AutotuneError
 from autotune.flat_params import flat_optimizer
 from autotune.lenet import LeNet5, lenet_problems
-from autotune.nn import Conv2d, Linear, conv2d, linear, patch
-from autotune.problem import Conv2dProblem, GemmProblem, parse_problem
+from autotune.nn import Conv2d, Linear, MaxPool2d, conv2d, linear, max_pool2d, patch
+from autotune.problem import Conv2dProblem, GemmProblem, Pool2dProblem, parse_problem
 from autotune.progress import bar as progress_bar
 from autotune.registry import KernelSpec
 
@@ -37,10 +37,13 @@ __all__ = [
     "KernelSpec",
     "LeNet5",
     "Linear",
+    "MaxPool2d",
+    "Pool2dProblem",
     "chosen",
     "conv2d",
     "flat_optimizer",
     "get_policy",
+    "max_pool2d",
     "lenet_problems",
     "linear",
     "parse_problem",

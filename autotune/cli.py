@@ -20,7 +20,7 @@ from autotune import device as devices
 from autotune import measure, registry
 from autotune.cache import STUDIES_FILE, Cache, CacheWarning, default_dir
 from autotune.errors import AutotuneError
-from autotune.problem import DTYPES, OPS, Problem, parse_problem
+from autotune.problem import DTYPES, OPS, POOL_OPS, Problem, parse_problem
 from autotune.progress import bar as progress_bar
 from autotune.report import format_pairs, format_table, knobs_text, ms, problem_text, ratio
 from autotune.stopping import DEFAULT_CALLS
@@ -75,8 +75,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _shape_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shape", help="conv: CxHxW or NxCxHxW; gemm: MxNxK")
-    parser.add_argument("--batch", type=int, help="conv batch size N when --shape is CxHxW (default 64)")
+    parser.add_argument("--shape", help="conv and max_pool2d: CxHxW or NxCxHxW; gemm: MxNxK")
+    parser.add_argument("--batch", type=int, help="conv/pool batch size N when --shape is CxHxW (default 64)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="max_pool2d: the square window, also its stride (default 2)")
     parser.add_argument("--filters", help="conv filters KxRxS or KxCxRxS (default 6x5x5, LeNet's conv1)")
     parser.add_argument("--stride", type=int, default=1, help="conv stride")
     parser.add_argument("--padding", type=int, default=0, help="conv zero padding on each side")
@@ -224,21 +226,24 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 # search ----------------------------------------------------------------------------------------
 def _problem_from_args(args) -> Problem:
     if not args.shape:
-        raise AutotuneError(f"{args.op} needs --shape (conv: CxHxW or NxCxHxW, gemm: MxNxK)")
+        raise AutotuneError(f"{args.op} needs --shape (conv, max_pool2d: CxHxW or NxCxHxW, gemm: MxNxK)")
     if args.batch is not None and args.batch <= 0:
         raise AutotuneError(f"--batch must be a positive integer, got {args.batch}")
     # Options that do not apply to the op are mistakes, not something to ignore silently.
-    if args.op == "gemm":
-        stray = [name for name, value, default in (("--filters", args.filters, None), ("--batch", args.batch, None),
-                 ("--stride", args.stride, 1), ("--padding", args.padding, 0), ("--dilation", args.dilation, 1))
-                 if value != default]
-    else:
-        stray = [name for name, value in (("--trans-a", args.trans_a), ("--trans-b", args.trans_b)) if value]
+    conv_only = (("--filters", args.filters, None), ("--stride", args.stride, 1), ("--padding", args.padding, 0),
+                 ("--dilation", args.dilation, 1))
+    gemm_only = (("--trans-a", args.trans_a, False), ("--trans-b", args.trans_b, False))
+    pool_only = (("--window", args.window, None),)
+    stray_options = {"gemm": (("--batch", args.batch, None), *conv_only, *pool_only)}
+    for op in POOL_OPS:
+        stray_options[op] = (*conv_only, *gemm_only)
+    stray = [name for name, value, default in stray_options.get(args.op, (*gemm_only, *pool_only))
+             if value != default]
     if stray:
         raise AutotuneError(f"{', '.join(stray)} do{'es' if len(stray) == 1 else ''} not apply to {args.op}")
     return parse_problem(args.op, args.shape, batch=args.batch, filters=args.filters,
                          stride=args.stride, padding=args.padding, dilation=args.dilation,
-                         trans_a=args.trans_a, trans_b=args.trans_b, dtype=args.dtype)
+                         trans_a=args.trans_a, trans_b=args.trans_b, dtype=args.dtype, window=args.window)
 
 
 def _check_search_args(args) -> None:

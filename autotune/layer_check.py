@@ -12,6 +12,10 @@ rounds), once with torch's own layer and once for every way of giving some of ou
 back to torch. The fastest plan wins only when it is clearly faster than torch's layer beyond
 the measured noise (a tie, or a busy machine, is torch's). Products the winner gives back are
 re-cached as torch's op with the reason, so `autotune show` and training keep agreeing.
+
+Max-pool layers are checked all or none (COUPLED): our forward with torch's gradient costs a
+second forward, so the layer times our best kernel of both products, even one that lost alone,
+against torch's layer, and caches both as ours when that wins.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ from autotune.measure import Measurement
 from autotune.nn import LayerCall, run_layer
 
 PRODUCTS = ("fwd", "dx", "dw")  # forward, grad input, grad weight: positions in LayerCall.problems
+# Layers whose products only pay together: torch's max-pool gradient needs the argmax indices its
+# own forward keeps, so after our forward torch's gradient must find them again (a second,
+# slow forward). Their layer check times our best kernel of every product (chosen alone or not)
+# against torch's layer, all or none.
+COUPLED = frozenset({"max_pool2d"})
 ROUND_BUDGET_MS = 300.0  # timing per plan (the rounds stop when every plan has had about this)
 MIN_ROUNDS, MAX_ROUNDS, WARMUP_ROUNDS = 20, 400, 3
 MIN_GAIN = 0.02  # a plan must save at least this share of torch's layer time...
@@ -71,10 +80,20 @@ def check_layers(calls: Sequence[LayerCall], *, cache: Cache, device: str,
     verdicts = []
     for call in calls:
         entries = _entries(call, cache, device)
-        ours = [i for i, e in enumerate(entries) if e is not None and e.algorithm != VENDOR
-                and e.vendor_ms is not None]
+        if call.kind in COUPLED:
+            # Our best kernel of every product, whether or not it won alone, all or none.
+            ours = [i for i, e in enumerate(entries) if e is not None and e.best_own is not None
+                    and e.vendor_ms is not None]
+            if len(ours) < sum(p is not None for p in call.problems):
+                continue  # a product without a trustworthy own kernel: the layer stays torch's
+            subsets = [tuple(ours), ()]
+        else:
+            ours = [i for i, e in enumerate(entries) if e is not None and e.algorithm != VENDOR
+                    and e.vendor_ms is not None]
+            # Every subset of our products (the empty one is torch's own layer), largest first.
+            subsets = [s for n in range(len(ours), -1, -1) for s in itertools.combinations(ours, n)]
         if ours and not all(entries[i].layer_check for i in ours):  # checked before: trust it
-            verdicts.append(_check(call, entries, ours, cache, device, time_plans))
+            verdicts.append(_check(call, entries, ours, subsets, cache, device, time_plans))
     return verdicts
 
 
@@ -82,11 +101,16 @@ def _entries(call: LayerCall, cache: Cache, device: str) -> list[Entry | None]:
     return [None if p is None else cache.find(p, device, registry.kernels_for(p, device)) for p in call.problems]
 
 
-def _check(call, entries, ours, cache, device, time_plans) -> LayerVerdict:
-    own = {i: _choice(call.problems[i], device, entries[i].algorithm, entries[i].knobs) for i in ours}
+def _own(entry: Entry) -> tuple[str, dict]:
+    """The kernel of ours an entry offers the layer: its choice, or its best own where torch won."""
+    if entry.algorithm != VENDOR:
+        return entry.algorithm, entry.knobs
+    return entry.best_own.algorithm, entry.best_own.knobs
+
+
+def _check(call, entries, ours, subsets, cache, device, time_plans) -> LayerVerdict:
+    own = {i: _choice(call.problems[i], device, *_own(entries[i])) for i in ours}
     vendor = {i: _choice(p, device, VENDOR, {}) for i, p in enumerate(call.problems) if p is not None}
-    # Every subset of our products (the empty one is torch's own layer), largest first.
-    subsets = [s for n in range(len(ours), -1, -1) for s in itertools.combinations(ours, n)]
     step = _trainer(call, device)
     plans = [step(tuple(own[i] if i in s else vendor.get(i) for i in range(3))) for s in subsets]
     with torch.enable_grad():  # also when a layer is first called under no_grad (evaluation)
@@ -107,8 +131,14 @@ def _check(call, entries, ours, cache, device, time_plans) -> LayerVerdict:
     lost = [i for i in ours if i not in best]
     for i in ours:
         # A new date: the checked entry supersedes the unchecked one where caches merge (cache pull).
-        cache.store(given_back(entries[i], device, reason) if i in lost
-                    else dataclasses.replace(entries[i], layer_check=f"kept: {reason}", created=stamp()))
+        entry = entries[i]
+        if i in best:
+            cache.store(taken(entry, reason) if entry.algorithm == VENDOR
+                        else dataclasses.replace(entry, layer_check=f"kept: {reason}", created=stamp()))
+        elif entry.algorithm == VENDOR:
+            cache.store(dataclasses.replace(entry, layer_check=f"lost: {reason}", created=stamp()))
+        else:
+            cache.store(given_back(entry, device, reason))
     return LayerVerdict(call=call, times=times, ratios={_label(sub): r for sub, r in ratios.items()},
                         kept=tuple(PRODUCTS[i] for i in best),
                         given_back=tuple(PRODUCTS[i] for i in lost), reason=reason)
@@ -145,6 +175,14 @@ def given_back(entry: Entry, device: str, reason: str, *, lost_in: str = "the la
                                layer_check=f"lost: {reason}", created=stamp())
 
 
+def taken(entry: Entry, reason: str) -> Entry:
+    """A product torch won alone, cached as our best kernel because the layer with it won."""
+    own = entry.best_own
+    return dataclasses.replace(entry, algorithm=own.algorithm, knobs=own.knobs, median_ms=own.median_ms,
+                               p20_ms=own.median_ms, p80_ms=own.median_ms, reason=f"won in the layer: {reason}",
+                               layer_check=f"kept: {reason}", created=stamp())
+
+
 def _trainer(call: LayerCall, device: str):
     """plan choices -> a zero-argument forward + backward of the layer on random tensors of its
     shapes; gradients are reset as an optimizer's zero_grad(set_to_none=True) would."""
@@ -154,7 +192,7 @@ def _trainer(call: LayerCall, device: str):
         return torch.randn(shape, generator=gen, dtype=call.dtype).to(device).requires_grad_(grad)
 
     x = rand(call.x_shape, call.x_requires_grad)
-    w = rand(call.weight_shape, True)
+    w = rand(call.weight_shape, True) if call.weight_shape else None  # a pool has no weight
     b = rand(call.weight_shape[:1], True) if call.has_bias else None
     with torch.no_grad():
         out_shape = run_layer(call, (None, None, None), x, w, b).shape

@@ -23,10 +23,14 @@ class LeNet5(nn.Module):
         self.fc1 = nn.Linear(16 * 5 * 5, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
+        # Modules rather than F.max_pool2d calls, so autotune.patch can tune them too (no
+        # parameters: the state_dict is the same).
+        self.pool1 = nn.MaxPool2d(2)
+        self.pool2 = nn.MaxPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = self.pool1(F.relu(self.conv1(x)))
+        x = self.pool2(F.relu(self.conv2(x)))
         x = torch.flatten(x, 1)
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
@@ -34,8 +38,9 @@ class LeNet5(nn.Module):
 
 
 def lenet_problems(batch: int = 64, dtype: torch.dtype = torch.float32) -> list[Problem]:
-    """The 14 problems of one LeNet training step at this batch size: forward, grad weight and
-    (except conv1, whose input is data) grad input of every layer."""
+    """The 18 problems of one LeNet training step at this batch size: forward, grad weight and
+    (except conv1, whose input is data) grad input of every conv and linear layer, and forward
+    and gradient of both max-pools."""
     from autotune.nn import layer_problems
 
     model = LeNet5().to(dtype)

@@ -1,4 +1,5 @@
-"""PyTorch integration: conv2d and linear whose forward and both gradients are tuned kernels.
+"""PyTorch integration: conv2d and linear whose forward and both gradients are tuned kernels,
+and max-pooling whose forward and gradient are.
 
 Each of the three products of a layer (forward, grad input, grad weight) is its own problem and
 is dispatched on its own, as cuDNN picks FwdAlgo, BwdDataAlgo and BwdFilterAlgo separately. Our
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autotune import dispatch, registry
-from autotune.problem import Conv2dProblem, GemmProblem, Problem
+from autotune.problem import Conv2dProblem, GemmProblem, Pool2dProblem, Problem
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
                 torch.bfloat16: "bfloat16"}
@@ -93,7 +94,13 @@ def _gemm_problem(m: int, n: int, k: int, trans_a: bool, trans_b: bool, dtype) -
 
 
 @functools.lru_cache(maxsize=4096)
-def _with_op(problem: Conv2dProblem, op: str) -> Conv2dProblem:
+def _pool_problem(x_shape, window: int, dtype) -> Pool2dProblem:
+    n, c, h, w = x_shape
+    return Pool2dProblem(op="max_pool2d", n=n, c=c, h=h, w=w, window=window, dtype=_DTYPE_NAMES[dtype])
+
+
+@functools.lru_cache(maxsize=4096)
+def _with_op(problem: Conv2dProblem | Pool2dProblem, op: str) -> Conv2dProblem | Pool2dProblem:
     return problem.with_op(op)
 
 
@@ -157,7 +164,7 @@ MEASURED_NOW = ("benchmark", "tune")  # dispatch sources of a choice measured in
 def _choices(call: LayerCall, x, w, need_dx: bool, need_dw: bool, device: str) -> tuple:
     forward, grad_input, grad_weight = call.problems
     # Gradients are chosen on random tensors of their shape when benchmarked (not computed yet).
-    return (dispatch.select(forward, device, (x, w)),
+    return (dispatch.select(forward, device, (x,) if w is None else (x, w)),
             dispatch.select(grad_input, device) if need_dx else None,
             dispatch.select(grad_weight, device) if need_dw else None)
 
@@ -284,6 +291,53 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], w.shape[0])
 
 
+class _MaxPool2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, plan: _Plan):
+        ctx.plan = plan
+        if plan.forward_choice.spec.algorithm == VENDOR:
+            with _label("autotune::max_pool2d:vendor"):
+                y = F.max_pool2d(x, plan.forward.window)
+        else:
+            y = _launch(plan.forward_choice, plan.forward, x)
+        # The gradient kernel finds each window's maximum as the first element equal to y.
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, y = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        dy = dy if dy.is_contiguous() else dy.contiguous()
+        return _launch(plan.grad_input_choice, plan.grad_input, x, y, dy), None
+
+
+def max_pool2d(x: torch.Tensor, kernel_size, stride=None) -> torch.Tensor:
+    """Like torch.nn.functional.max_pool2d for non-overlapping square windows (stride equal to
+    the window, no padding), on tuned kernels: the forward and the gradient are chosen apart."""
+    window = _single(kernel_size, "kernel_size")
+    if stride is not None and _single(stride, "stride") != window:
+        raise ValueError(f"autotune.max_pool2d pools non-overlapping windows (stride = kernel_size), "
+                         f"got kernel_size {kernel_size} and stride {stride}")
+    need_dx = torch.is_grad_enabled() and x.requires_grad
+    key = ("max_pool2d", x.shape, window, x.dtype, x.is_cuda, need_dx)
+    plan = _plans.get(key)
+    if plan is None or plan.generation != dispatch.generation():
+        problem = _pool_problem(tuple(x.shape), window, x.dtype)
+        call = LayerCall(kind="max_pool2d", x_shape=tuple(x.shape), x_requires_grad=need_dx, dtype=x.dtype,
+                         weight_shape=(), has_bias=False, geometry=(window,),
+                         problems=(problem, _with_op(problem, "max_pool2d_bwd") if need_dx else None, None))
+        plan = _plan(key, call, x, None, need_dx, False)
+    else:
+        dispatch.measuring_done()
+    if plan.torch_only:
+        if not _profiling():
+            return F.max_pool2d(x, window)
+        with _label("autotune::max_pool2d:vendor"):
+            return F.max_pool2d(x, window)
+    return _MaxPool2dFunction.apply(x, plan)
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d whose forward and gradients run on tuned kernels (same parameters)."""
 
@@ -298,8 +352,24 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class MaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d (non-overlapping windows) whose forward and gradient run on tuned kernels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return max_pool2d(x, self.kernel_size, self.stride)
+
+
 # Our layer classes and the torch classes they stand in for (patch swaps one for the other).
-TORCH_CLASS = {Conv2d: nn.Conv2d, Linear: nn.Linear}
+TORCH_CLASS = {Conv2d: nn.Conv2d, Linear: nn.Linear, MaxPool2d: nn.MaxPool2d}
+
+
+def _patchable_pool(m: nn.MaxPool2d) -> bool:
+    def pair(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+    window, stride = pair(m.kernel_size), pair(m.stride if m.stride is not None else m.kernel_size)
+    return (window[0] == window[1] and stride == window and pair(m.padding) == (0, 0)
+            and pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices)
 
 
 def _patchable_conv(m: nn.Conv2d) -> bool:
@@ -308,17 +378,21 @@ def _patchable_conv(m: nn.Conv2d) -> bool:
 
 
 def patch(model: nn.Module) -> nn.Module:
-    """Swap the model's nn.Conv2d / nn.Linear for autotune's, in place; returns the model.
+    """Swap the model's nn.Conv2d / nn.Linear / nn.MaxPool2d for autotune's, in place; returns
+    the model.
 
     The class of each module is swapped rather than the module replaced, so parameters keep
     their identity (an optimizer built before patching still updates them) and state_dict keys
-    are unchanged. Convs we cannot run (groups, non-zero padding modes, unequal strides) stay.
+    are unchanged. Convs we cannot run (groups, non-zero padding modes, unequal strides) and
+    pools with overlapping or padded windows stay torch's.
     """
     for module in model.modules():
         if type(module) is nn.Conv2d and _patchable_conv(module):
             module.__class__ = Conv2d
         elif type(module) is nn.Linear:
             module.__class__ = Linear
+        elif type(module) is nn.MaxPool2d and _patchable_pool(module):
+            module.__class__ = MaxPool2d
     return model
 
 
@@ -328,19 +402,20 @@ class LayerCall:
     needs a gradient, the layer's parameters, and the problems the call dispatches (forward,
     grad input, grad weight; grad input is None where autograd skips it, at the first layer)."""
 
-    kind: str  # "conv2d" or "linear"
+    kind: str  # "conv2d", "linear" or "max_pool2d"
     x_shape: tuple[int, ...]
     x_requires_grad: bool
     dtype: torch.dtype
     weight_shape: tuple[int, ...]
     has_bias: bool
-    geometry: tuple = ()  # conv: (stride, padding, dilation)
+    geometry: tuple = ()  # conv: (stride, padding, dilation); max_pool2d: (window,)
     problems: tuple = ()  # (forward, grad input | None, grad weight)
 
 
 def layer_calls(model: nn.Module, example: torch.Tensor, *, by_module: dict | None = None) -> list[LayerCall]:
-    """Every distinct conv2d/linear call one training step of `model` on inputs like `example`
-    makes, in order. Found by a forward pass with hooks; convs patch() leaves to torch are skipped.
+    """Every distinct conv2d/linear/max-pool call one training step of `model` on inputs like
+    `example` makes, in order. Found by a forward pass with hooks; layers patch() leaves to torch
+    are skipped.
     `by_module`, if given, receives id(module) -> its call's forward problem."""
     calls: list[LayerCall] = []
 
@@ -357,6 +432,13 @@ def layer_calls(model: nn.Module, example: torch.Tensor, *, by_module: dict | No
                                    geometry=(fwd.stride, fwd.padding, fwd.dilation),
                                    problems=(fwd, fwd.with_op("conv2d_bwd_data") if grad_input else None,
                                              fwd.with_op("conv2d_bwd_weight"))))
+        elif isinstance(module, nn.MaxPool2d):
+            if not _patchable_pool(module):
+                return  # patch() leaves it to torch (overlapping or padded windows)
+            fwd = _pool_problem(tuple(x.shape), _single(module.kernel_size, "kernel_size"), x.dtype)
+            calls.append(LayerCall(kind="max_pool2d", x_shape=tuple(x.shape), x_requires_grad=grad_input,
+                                   dtype=x.dtype, weight_shape=(), has_bias=False, geometry=(fwd.window,),
+                                   problems=(fwd, fwd.with_op("max_pool2d_bwd") if grad_input else None, None)))
         elif isinstance(module, nn.Linear):
             batch, fan_in, fan_out = x.reshape(-1, x.shape[-1]).shape[0], module.in_features, module.out_features
             calls.append(LayerCall(kind="linear", x_shape=(batch, fan_in), x_requires_grad=grad_input,
@@ -371,7 +453,8 @@ def layer_calls(model: nn.Module, example: torch.Tensor, *, by_module: dict | No
         if by_module is not None:
             by_module[id(module)] = calls[-1].problems[0]
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear, nn.MaxPool2d))]
     try:
         with dispatch.policy("cached"), torch.enable_grad():
             _plain_forward(model, example)
@@ -404,6 +487,8 @@ def run_layer(call: LayerCall, choices: tuple, x: torch.Tensor, w: torch.Tensor,
         if plan.torch_only:
             return F.conv2d(x, w, b, *call.geometry)
         return _Conv2dFunction.apply(x, w, b, plan)
+    if call.kind == "max_pool2d":
+        return F.max_pool2d(x, *call.geometry) if plan.torch_only else _MaxPool2dFunction.apply(x, plan)
     return F.linear(x, w, b) if plan.torch_only else _LinearFunction.apply(x, w, b, plan)
 
 

@@ -1,4 +1,4 @@
-"""What to compute: a convolution or a GEMM of a given shape and dtype.
+"""What to compute: a convolution, a GEMM or a max-pool of a given shape and dtype.
 
 Problems are frozen dataclasses so they can key dictionaries (the dispatch memo) and caches.
 `parse_problem` turns the CLI's shape grammar ("3x32x32", "64x3x32x32", "512x512x512") into one.
@@ -14,7 +14,8 @@ from autotune.errors import ShapeError, UnknownNameError
 
 CONV_OPS = ("conv2d", "conv2d_bwd_data", "conv2d_bwd_weight")
 GEMM_OPS = ("gemm",)
-OPS = CONV_OPS + GEMM_OPS
+POOL_OPS = ("max_pool2d", "max_pool2d_bwd")
+OPS = CONV_OPS + GEMM_OPS + POOL_OPS
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 # LeNet's first convolution: what `autotune search conv2d --shape 3x32x32` means when the
@@ -189,7 +190,76 @@ class GemmProblem:
         return f"gemm-{self.m}x{self.n}x{self.k}-{layout}-{self.dtype}"
 
 
-Problem = Conv2dProblem | GemmProblem
+@dataclass(frozen=True, kw_only=True)
+class Pool2dProblem:
+    """Max-pooling over non-overlapping window x window tiles (stride = window, no padding, the
+    output floored as torch does), NCHW: `max_pool2d` (x -> y) and its gradient `max_pool2d_bwd`
+    ((x, y, dy) -> dx, y the forward's output: dy goes to the first maximum of each window in row-major order, torch's
+    choice at ties). Overlapping or padded pools are left to torch (autotune.patch skips them)."""
+
+    op: str = "max_pool2d"
+    n: int
+    c: int
+    h: int
+    w: int
+    window: int = 2
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def p(self) -> int:
+        return self.h // self.window
+
+    @property
+    def q(self) -> int:
+        return self.w // self.window
+
+    def validate(self) -> None:
+        if self.op not in POOL_OPS:
+            raise UnknownNameError(f"unknown pool op {self.op!r}; choose one of {', '.join(POOL_OPS)}")
+        _check_dtype(self.dtype)
+        for name in ("n", "c", "h", "w", "window"):
+            _check_positive(name, getattr(self, name))
+        if self.window > min(self.h, self.w):
+            raise ShapeError(f"window {self.window} is larger than the input {self.h}x{self.w}")
+
+    @property
+    def x_shape(self) -> tuple[int, int, int, int]:
+        return (self.n, self.c, self.h, self.w)
+
+    @property
+    def y_shape(self) -> tuple[int, int, int, int]:
+        return (self.n, self.c, self.p, self.q)
+
+    def input_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return (self.x_shape,) if self.op == "max_pool2d" else (self.x_shape, self.y_shape, self.y_shape)
+
+    def output_shape(self) -> tuple[int, ...]:
+        return self.y_shape if self.op == "max_pool2d" else self.x_shape
+
+    def reduction_length(self) -> int:
+        return self.window * self.window
+
+    def flops(self) -> int:
+        return self.n * self.c * self.p * self.q * self.window * self.window  # comparisons
+
+    def with_op(self, op: str) -> Pool2dProblem:
+        return dataclasses.replace(self, op=op)
+
+    def describe(self) -> str:
+        return f"{self.op} {self.n}x{self.c}x{self.h}x{self.w} window {self.window} {self.dtype}"
+
+    def key(self) -> str:
+        return _stable_key(self)
+
+    def slug(self) -> str:
+        """A short readable name (Optuna study names): max_pool2d-16x6x28x28-w2-float32."""
+        return f"{self.op}-{self.n}x{self.c}x{self.h}x{self.w}-w{self.window}-{self.dtype}"
+
+
+Problem = Conv2dProblem | GemmProblem | Pool2dProblem
 
 
 def problem_to_dict(problem: Problem) -> dict:
@@ -200,7 +270,8 @@ def problem_from_dict(data: dict) -> Problem:
     """Rebuild a problem from the cache's JSON (validated like user input)."""
     if not isinstance(data, dict):
         raise ShapeError("a problem must be a JSON object")
-    cls = GemmProblem if data.get("op") in GEMM_OPS else Conv2dProblem
+    op = data.get("op")
+    cls = GemmProblem if op in GEMM_OPS else Pool2dProblem if op in POOL_OPS else Conv2dProblem
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
@@ -255,18 +326,20 @@ def parse_problem(
     trans_a: bool = False,
     trans_b: bool = False,
     dtype: str = "float32",
+    window: int | None = None,
 ) -> Problem:
     """Build a problem from the CLI grammar.
 
     Conv ops take CxHxW (batch from --batch, default 64) or NxCxHxW; --filters is KxRxS or
-    KxCxRxS (C must then match the input). gemm takes MxNxK.
+    KxCxRxS (C must then match the input). gemm takes MxNxK. Pool ops take the conv input
+    grammar and --window (default 2).
     """
     if op in GEMM_OPS:
         m, n, k = parse_dims(shape, "gemm shape", (3,))
         return GemmProblem(m=m, n=n, k=k, trans_a=trans_a, trans_b=trans_b, dtype=dtype)
-    if op not in CONV_OPS:
+    if op not in CONV_OPS + POOL_OPS:
         raise UnknownNameError(f"unknown op {op!r}; choose one of {', '.join(OPS)}")
-    dims = parse_dims(shape, "conv shape", (3, 4))
+    dims = parse_dims(shape, "pool shape" if op in POOL_OPS else "conv shape", (3, 4))
     if len(dims) == 4:
         n, c, h, w = dims
         if batch is not None and batch != n:
@@ -274,6 +347,8 @@ def parse_problem(
     else:
         c, h, w = dims
         n = DEFAULT_BATCH if batch is None else batch
+    if op in POOL_OPS:
+        return Pool2dProblem(op=op, n=n, c=c, h=h, w=w, window=2 if window is None else window, dtype=dtype)
     if filters is None:
         k, r, s = DEFAULT_FILTERS
     else:

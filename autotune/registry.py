@@ -51,6 +51,7 @@ MODULES = {
     "numpy_conv": "numpy",
     "numpy_gemm": "numpy",
     "numpy_winograd": "numpy",
+    "numpy_pool": "numpy",
     "vendor": "torch",
     "triton_gemm": "triton",
     "triton_conv": "triton",

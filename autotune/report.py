@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from autotune.problem import POOL_OPS
+
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in row] for row in rows]
@@ -42,11 +44,14 @@ def format_pairs(rows: Sequence[tuple[str, object]]) -> str:
 def problem_text(problem) -> str:
     """A problem in a few characters for tables (the op is its own column): conv
     `64x3x32x32 k6x5x5 p2` (stride, padding, dilation only where not 1/0/1), gemm `256x256x256`
-    (`nt`-style layout only where transposed); the dtype only when not float32."""
+    (`nt`-style layout only where transposed), max-pool `16x6x28x28 w2`; the dtype only when not
+    float32."""
     if problem.op == "gemm":
         text = f"{problem.m}x{problem.n}x{problem.k}"
         if problem.trans_a or problem.trans_b:
             text += " " + ("t" if problem.trans_a else "n") + ("t" if problem.trans_b else "n")
+    elif problem.op in POOL_OPS:
+        text = f"{problem.n}x{problem.c}x{problem.h}x{problem.w} w{problem.window}"
     else:
         text = f"{problem.n}x{problem.c}x{problem.h}x{problem.w} k{problem.k}x{problem.r}x{problem.s}"
         for name, value, default in (("s", problem.stride, 1), ("p", problem.padding, 0), ("d", problem.dilation, 1)):

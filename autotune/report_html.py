@@ -18,6 +18,7 @@ import csv
 import html
 import io
 import json
+import math
 import os
 import tempfile
 import time
@@ -76,12 +77,7 @@ def cpu_bandwidth_gbs(seconds: float = 0.5, mib: int = 256) -> float:
 def tensor_bytes(problem) -> int:
     """Bytes of the op's inputs and output (each touched once: the roofline's minimum traffic)."""
     size = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}.get(problem.dtype, 4)
-    if problem.op == "gemm":
-        elements = problem.m * problem.k + problem.k * problem.n + problem.m * problem.n
-    else:
-        elements = (problem.n * problem.c * problem.h * problem.w + problem.k * problem.c * problem.r * problem.s
-                    + problem.n * problem.k * problem.p * problem.q)
-    return size * elements
+    return size * sum(math.prod(shape) for shape in (*problem.input_shapes(), problem.output_shape()))
 
 
 def shape_rows(entries: Sequence[Entry]) -> list[dict]:

@@ -17,7 +17,7 @@ STEPS=${STEPS:-256}
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-results/lenet-compare}
 rm -rf "$OUT" && mkdir -p "$OUT"
-printf "%-8s %-6s %-22s %-22s %s\n" threads batch "tuned/untuned (range)" "flat optimizer alone" "convs on our kernels (step check)"
+printf "%-8s %-6s %-22s %-22s %s\n" threads batch "tuned/untuned (range)" "flat optimizer alone" "layers on our kernels (step check)"
 for t in ${THREADS//,/ }; do
   for b in ${BATCHES//,/ }; do
     cache="$OUT/cache-${t}t"

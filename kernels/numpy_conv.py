@@ -25,61 +25,16 @@ garbage that is cropped away; that waste (H'W'/PQ, ~1.3x for LeNet) buys GEMMs w
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
-
 import numpy as np
-import torch
 from numpy.lib.stride_tricks import as_strided
 
 from autotune.registry import KernelSpec
+from kernels.numpy_buffers import as_numpy as _np
+from kernels.numpy_buffers import scratch as _scratch
+from kernels.numpy_buffers import workspace as _workspace
 
 # ---------------------------------------------------------------------------------------------
 # Geometry and layout helpers
-
-
-def _np(tensor: torch.Tensor) -> np.ndarray:
-    """Zero-copy NumPy view of a contiguous CPU tensor (detach: .numpy() refuses grad tensors)."""
-    return tensor.detach().numpy()
-
-
-# Buffers one geometry needs (a zero-padded input copy, its strided window view, patch matrices)
-# are kept between calls, per thread: at LeNet's sizes allocating, zeroing and building strided
-# views cost as much as the arithmetic (a batch-1 forward went from ~27 to ~12 µs). Geometries
-# whose buffers exceed WORKSPACE_BYTES allocate per call, as before; at most WORKSPACES are kept.
-WORKSPACE_BYTES = 8 << 20
-WORKSPACES = 64
-_local = threading.local()
-
-
-def _workspace(key: tuple, build: Callable[[], tuple[object, int]]):
-    """What build() returns for `key` ((value, bytes owned)), built once per thread when small."""
-    kept = getattr(_local, "kept", None)
-    if kept is None:
-        kept = _local.kept = OrderedDict()
-    value = kept.get(key)
-    if value is None:
-        value, size = build()
-        if size <= WORKSPACE_BYTES:
-            kept[key] = value
-            if len(kept) > WORKSPACES:
-                kept.popitem(last=False)
-    return value
-
-
-def _scratch(tag: str, shape: tuple, dtype, *, zero_key: tuple | None = None) -> np.ndarray:
-    """A buffer of `shape` kept between calls. Uninitialised, unless `zero_key` is given: then it
-    starts zeroed and callers with the same zero_key write the same region every call, so the
-    rest stays zero (e.g. dy widened with zero garbage columns)."""
-    if zero_key is None:
-        return _workspace((tag, shape, np.dtype(dtype).str), lambda: (np.empty(shape, dtype), _nbytes(shape, dtype)))
-    return _workspace((tag, shape, np.dtype(dtype).str, zero_key),
-                      lambda: (np.zeros(shape, dtype), _nbytes(shape, dtype)))
-
-
-def _nbytes(shape: tuple, dtype) -> int:
-    return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
 def _input_windows(x: np.ndarray, pad: int, r: int, s: int, p: int, q: int, stride: int, dil: int,

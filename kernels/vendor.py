@@ -77,10 +77,27 @@ def conv2d_backward(problem, x, w, dy, mask):
     )
 
 
+def max_pool2d(problem, knobs, inputs, out):
+    (x,) = inputs
+    return F.max_pool2d(x, problem.window)
+
+
+def max_pool2d_bwd(problem, knobs, inputs, out):
+    """torch's gradient needs the argmax indices of its forward: computed here from x, as a layer
+    that ran another forward kernel would have to (torch's own layer keeps them from its forward)."""
+    x, _, dy = inputs
+    k = [problem.window] * 2
+    _, indices = torch.ops.aten.max_pool2d_with_indices(x, k, k)
+    return torch.ops.aten.max_pool2d_with_indices_backward(dy, x, k, k, [0, 0], [1, 1], False, indices)
+
+
 DEFAULTS = {"allow_tf32": False}
 
 KERNELS = [
     KernelSpec(op=op, algorithm="vendor", backend="torch", run=run, defaults=DEFAULTS, allocates=True)
     for op, run in (("conv2d", conv2d), ("conv2d_bwd_data", conv2d_bwd_data),
                     ("conv2d_bwd_weight", conv2d_bwd_weight), ("gemm", gemm))
+] + [
+    KernelSpec(op=op, algorithm="vendor", backend="torch", run=run, allocates=True)
+    for op, run in (("max_pool2d", max_pool2d), ("max_pool2d_bwd", max_pool2d_bwd))
 ]

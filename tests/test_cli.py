@@ -169,12 +169,13 @@ def test_console_script_help():
 
 
 def test_search_lenet_tunes_every_layer_once(capsys, cache_dir):
+    # 18 problems: 14 of the convs and linear layers, forward and gradient of both max-pools
     argv = ["search", "lenet", "--batch", "2", "--trials", "2", "--algorithms", "vendor",
             "--json", "--cache-dir", str(cache_dir)]
     code, out, _ = run(capsys, *argv)
     layers = json.loads(out)["layers"]
-    assert code == 0 and len(layers) == 14 and not any(layer["from_cache"] for layer in layers)
-    assert len({json.dumps(layer["problem"], sort_keys=True) for layer in layers}) == 14
+    assert code == 0 and len(layers) == 18 and not any(layer["from_cache"] for layer in layers)
+    assert len({json.dumps(layer["problem"], sort_keys=True) for layer in layers}) == 18
     code, out, _ = run(capsys, *argv)
     again = json.loads(out)["layers"]
     # Every trustworthy layer is answered from the cache (the noise guard refuses the others).

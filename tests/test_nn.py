@@ -87,6 +87,8 @@ def test_lenet_problems_cover_every_layer():
     # conv1 needs no grad input (its input is data); conv2 needs all three; 3 fc layers x 3 GEMMs
     assert ops.count("conv2d") == 2 and ops.count("conv2d_bwd_data") == 1
     assert ops.count("conv2d_bwd_weight") == 2 and ops.count("gemm") == 9  # fc1 input needs grad (conv2 output)
+    # both max-pools: forward and gradient (their inputs come from convs: they need one)
+    assert ops.count("max_pool2d") == 2 and ops.count("max_pool2d_bwd") == 2 and len(ops) == 18
 
 
 @pytest.mark.parametrize("layer", ["conv2d", "linear"])

@@ -55,7 +55,7 @@ def test_tuned_training_logs_profiles_and_reuses_the_cache(train_lenet, data_dir
     assert result["epochs"][0]["test_samples"] == 12 * 100
     assert result["selections"]["benchmark"] > 0
     layers = {row["problem"].split()[0] for row in result["choices"]}
-    assert layers == {"conv2d", "conv2d_bwd_data", "conv2d_bwd_weight", "gemm"}
+    assert layers == {"conv2d", "conv2d_bwd_data", "conv2d_bwd_weight", "gemm", "max_pool2d", "max_pool2d_bwd"}
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
