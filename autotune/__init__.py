@@ -4,7 +4,7 @@ shape, and pick them per layer at run time.
     import autotune
     y = autotune.conv2d(x, w, b, stride=1, padding=2)   # autograd-enabled, dispatched per shape
     entry = autotune.search(autotune.parse_problem("conv2d", "3x32x32"))  # cached, or tune + store
-    model = autotune.patch(model)                        # nn.Conv2d / nn.Linear -> tuned modules
+    model = autotune.patch(model)                        # nn.Conv2d / Linear / MaxPool2d -> tuned modules
     opt = autotune.flat_optimizer(model.parameters(), torch.optim.Adadelta, lr=1.0)  # one flat buffer
     with autotune.policy("benchmark"):                   # like cudnn.benchmark, but persistent
         train(model)

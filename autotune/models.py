@@ -4,7 +4,7 @@
 `torchvision:<name>` (built with random weights: nothing is downloaded), `lenet` (LeNet-5 on
 1x28x28), or `package.module:factory` for a user's own (the module is imported and `factory()`
 called, as `python -c` would: name only code you trust). One forward pass with hooks then
-collects every conv2d/linear problem, forward and both gradients (autotune.nn.layer_calls);
+collects every conv2d/linear/max-pool problem, forward and gradients (autotune.nn.layer_calls);
 after the search, each layer is checked as training calls it (autotune.layer_check).
 """
 
@@ -64,7 +64,7 @@ def example_input(shape: str | None, batch: int, spec: str, dtype: torch.dtype) 
 
 
 def model_layers(model: nn.Module, example: torch.Tensor) -> list[LayerCall]:
-    """Every distinct conv2d/linear call one training step of `model` on `example` makes."""
+    """Every distinct conv2d/linear/max-pool call one training step of `model` on `example` makes."""
     from autotune.nn import layer_calls
 
     model = model.to(example.dtype)

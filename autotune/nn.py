@@ -398,7 +398,7 @@ def patch(model: nn.Module) -> nn.Module:
 
 @dataclass(frozen=True)
 class LayerCall:
-    """One conv2d/linear layer as a training step calls it: the input's shape and whether it
+    """One conv2d/linear/max-pool layer as a training step calls it: the input's shape and whether it
     needs a gradient, the layer's parameters, and the problems the call dispatches (forward,
     grad input, grad weight; grad input is None where autograd skips it, at the first layer)."""
 

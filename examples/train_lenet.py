@@ -2,9 +2,9 @@
 """Train the seed's LeNet-5 on MNIST or Fashion-MNIST, on torch's kernels or on tuned ones.
 
 The loop is pytorch/examples' mnist: Adadelta (lr 1.0), StepLR (gamma 0.7), normalized inputs.
-With --tuned, autotune.patch swaps the conv and linear layers for autotune's, which pick a kernel
-for each layer and each pass (forward, grad input, grad weight) the way cuDNN does, and keep the
-choice in a cache that survives the process: a second run finds every choice there.
+With --tuned, autotune.patch swaps the conv, linear and max-pool layers for autotune's, which pick
+a kernel for each layer and each pass (forward, grad input, grad weight) the way cuDNN does, and
+keep the choice in a cache that survives the process: a second run finds every choice there.
 
     python examples/train_lenet.py --tuned --epochs 1            # benchmark, then train
     python examples/train_lenet.py --tuned --epochs 1            # again: all from the cache
