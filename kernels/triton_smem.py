@@ -20,8 +20,14 @@ convert_layout ops). Three rules:
    (a grid of epilogue-only kernels, every tile and warp count, never needed more than 256; the
    half-accumulator rounds took the sm_80 sample from 514 to 523 of 539 within ±10%). Some
    configs with 16-aligned outputs convert in quarters, and some wgmma epilogues with 2-byte
-   outputs in halves: both are overestimates this model keeps (no rule found that explains
-   them without contradicting other configs of the sample).
+   outputs in halves: both are overestimates this model keeps. What the exact rule would take
+   (read in Triton's GenericSwizzling.cpp and Allocation.cpp): the scratch is the swizzled
+   tile's size divided by its `reps`, the "segment" address bits (the lowest ones no vector or
+   ld/st/stmatrix tile uses) that are register bits in both the accumulator's layout and the
+   store's coalesced blocked layout; so it needs those two linear layouts (the mma warps
+   split, the wgmma instruction shape, the store's vector width from the output's alignment).
+   A few compiler totals (5120, 8704, 11264, 20480 bytes) are also not one buffer but a scratch
+   placed above one still live, i.e. the allocator's offsets, not only sizes.
 3. The loop's buffers are dead by the epilogue and the allocator reuses them: the total is the
    larger of the two, not the sum.
 
