@@ -170,17 +170,21 @@ def given_back(entry: Entry, device: str, reason: str, *, lost_in: str = "the la
     now so it supersedes the unchecked entry where caches merge."""
     vendor = next(s for s in registry.kernels_for(entry.problem, device) if s.algorithm == VENDOR)
     ms = entry.vendor_ms if entry.vendor_ms is not None else entry.median_ms
-    return dataclasses.replace(entry, algorithm=VENDOR, knobs=vendor.full_knobs(entry.problem, {}),
-                               median_ms=ms, p20_ms=ms, p80_ms=ms, reason=f"lost in {lost_in}: {reason}",
-                               layer_check=f"lost: {reason}", created=stamp())
+    return _rechosen(entry, VENDOR, vendor.full_knobs(entry.problem, {}), ms,
+                     reason=f"lost in {lost_in}: {reason}", layer_check=f"lost: {reason}")
 
 
 def taken(entry: Entry, reason: str) -> Entry:
     """A product torch won alone, cached as our best kernel because the layer with it won."""
     own = entry.best_own
-    return dataclasses.replace(entry, algorithm=own.algorithm, knobs=own.knobs, median_ms=own.median_ms,
-                               p20_ms=own.median_ms, p80_ms=own.median_ms, reason=f"won in the layer: {reason}",
-                               layer_check=f"kept: {reason}", created=stamp())
+    return _rechosen(entry, own.algorithm, own.knobs, own.median_ms,
+                     reason=f"won in the layer: {reason}", layer_check=f"kept: {reason}")
+
+
+def _rechosen(entry: Entry, algorithm: str, knobs: dict, ms: float, *, reason: str, layer_check: str) -> Entry:
+    """`entry` with another algorithm chosen, at the one time on record for it (no spread), dated now."""
+    return dataclasses.replace(entry, algorithm=algorithm, knobs=knobs, median_ms=ms, p20_ms=ms, p80_ms=ms,
+                               reason=reason, layer_check=layer_check, created=stamp())
 
 
 def _trainer(call: LayerCall, device: str):

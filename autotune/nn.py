@@ -300,7 +300,7 @@ class _MaxPool2dFunction(torch.autograd.Function):
                 y = F.max_pool2d(x, plan.forward.window)
         else:
             y = _launch(plan.forward_choice, plan.forward, x)
-        # The gradient kernel finds each window's maximum as the first element equal to y.
+        # The gradient kernels take (x, y, dy): y, each window's maximum, locates the argmax.
         ctx.save_for_backward(x, y)
         return y
 

@@ -194,8 +194,9 @@ class GemmProblem:
 class Pool2dProblem:
     """Max-pooling over non-overlapping window x window tiles (stride = window, no padding, the
     output floored as torch does), NCHW: `max_pool2d` (x -> y) and its gradient `max_pool2d_bwd`
-    ((x, y, dy) -> dx, y the forward's output: dy goes to the first maximum of each window in row-major order, torch's
-    choice at ties). Overlapping or padded pools are left to torch (autotune.patch skips them)."""
+    ((x, y, dy) -> dx, y the forward's output: dy goes to the first maximum of each window in
+    row-major order, torch's choice at ties). Overlapping or padded pools are left to torch
+    (autotune.patch skips them)."""
 
     op: str = "max_pool2d"
     n: int

@@ -4,10 +4,11 @@ Not a kernel module (no KERNELS list, not in the registry's MODULES): it counts 
 hash of each module that imports it.
 
 At LeNet's sizes allocating, zeroing and building strided views cost as much as the arithmetic
-(a batch-1 conv forward went from ~27 to ~12 µs with kept buffers), and inside a training step
-it is worse: a fresh NumPy temporary of a few hundred KB is a fresh mmap whose pages fault in on
-first touch (a max-pool gradient took 0.79 ms in the step against 0.28 ms timed alone). Geometries
-whose buffers exceed WORKSPACE_BYTES allocate per call; at most WORKSPACES are kept.
+(a batch-1 conv forward went from ~27 to ~12 µs with kept buffers). Geometries whose buffers
+exceed WORKSPACE_BYTES allocate per call; at most WORKSPACES are kept. (Kept buffers do not
+make a kernel as fast in a training step as alone: there our pool and conv kernels still run
+~2x slower, and raising glibc's mmap and trim thresholds to 1 GB changed nothing, so page
+faults are not why.)
 """
 
 from __future__ import annotations

@@ -133,3 +133,47 @@ def test_the_benchmark_policy_checks_a_layer_before_it_runs_ours(tmp_path, monke
     # both; where the noise guard gave every product to torch, none).
     layers_checked = {e.problem.with_op("conv2d") for e in entries if e.layer_check}
     assert [c[0].problems[0] for c in checked] == sorted(layers_checked, key=lambda p: p.c)
+
+
+def _vendor_entry(problem, own_algorithm: str, *, ms: float, own_ms: float) -> Entry:
+    """A cached entry where torch's op won alone; our best kernel stays on record as best_own."""
+    specs = registry.kernels_for(problem, "cpu")
+    vendor = next(s for s in specs if s.algorithm == "vendor")
+    own = next(s for s in specs if s.algorithm == own_algorithm)
+    return Entry(problem=problem, device=devices.fingerprint("cpu"), versions=devices.versions(),
+                 algorithm="vendor", knobs=vendor.full_knobs(problem, {}),
+                 kernel_hashes={s.algorithm: s.source_hash for s in specs},
+                 median_ms=ms, p20_ms=ms, p80_ms=ms, vendor_ms=ms,
+                 best_own=OwnKernel(algorithm=own_algorithm, knobs=own.full_knobs(problem, {}), median_ms=own_ms),
+                 trials={"ok": 2}, threads=torch.get_num_threads(), trustworthy=True, reason="planted by the test")
+
+
+@pytest.mark.parametrize("wins", [True, False])
+def test_a_max_pool_layer_is_checked_all_or_none(tmp_path, wins):
+    """A pool's forward and gradient are timed together (torch's gradient needs its own
+    forward's indices): our forward won alone, torch's gradient did; the layer times both of
+    ours against torch's layer and caches both as ours when that wins, both as torch's when not."""
+    calls = layer_calls(nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2)), torch.randn(2, 1, 10, 10))
+    (pool,) = [c for c in calls if c.kind == "max_pool2d"]
+    forward, gradient, _ = pool.problems
+    cache = Cache(tmp_path)
+    cache.store(_own_entry(forward, "strided", {}, ms=0.01, vendor_ms=0.05))
+    cache.store(_vendor_entry(gradient, "strided", ms=0.02, own_ms=0.03))
+
+    def time_plans(plans):
+        assert len(plans) == 2  # ours for both products, then torch's layer: no mixed plan
+        ours = [1.0 if wins else 3.0] * 50
+        return [ours, [2.0] * 50]
+
+    (verdict,) = layer_check.check_layers([pool], cache=cache, device="cpu", time_plans=time_plans)
+    found = {p.op: cache.find(p, "cpu", registry.kernels_for(p, "cpu")) for p in (forward, gradient)}
+    if wins:
+        assert verdict.kept == ("fwd", "dx") and verdict.given_back == ()
+        assert found["max_pool2d_bwd"].algorithm == "strided" and found["max_pool2d_bwd"].median_ms == 0.03
+        assert found["max_pool2d_bwd"].reason.startswith("won in the layer")
+        assert found["max_pool2d"].algorithm == "strided"
+    else:
+        assert verdict.kept == () and set(verdict.given_back) == {"fwd", "dx"}
+        assert found["max_pool2d"].algorithm == "vendor" and found["max_pool2d"].best_own.algorithm == "strided"
+        assert found["max_pool2d_bwd"].algorithm == "vendor"
+    assert all(e.layer_check.startswith("kept: " if wins else "lost: ") for e in found.values())
