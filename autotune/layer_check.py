@@ -13,9 +13,11 @@ back to torch. The fastest plan wins only when it is clearly faster than torch's
 the measured noise (a tie, or a busy machine, is torch's). Products the winner gives back are
 re-cached as torch's op with the reason, so `autotune show` and training keep agreeing.
 
-Max-pool layers are checked all or none (COUPLED): our forward with torch's gradient costs a
-second forward, so the layer times our best kernel of both products, even one that lost alone,
-against torch's layer, and caches both as ours when that wins.
+Max-pool layers whose forward kernel cannot write torch's argmax indices are checked all or none
+(COUPLED): our forward with torch's gradient would cost a second forward, so the layer times our
+best kernel of both products, even one that lost alone, against torch's layer, and caches both
+as ours when that wins. A forward that writes the indices (the compiled `loop_nest`) is checked
+as any layer: our forward with torch's index-based gradient is one of the plans.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from autotune.nn import LayerCall, run_layer
 
 PRODUCTS = ("fwd", "dx", "dw")  # forward, grad input, grad weight: positions in LayerCall.problems
 # Layers whose products only pay together: torch's max-pool gradient needs the argmax indices its
-# own forward keeps, so after our forward torch's gradient must find them again (a second,
-# slow forward). Their layer check times our best kernel of every product (chosen alone or not)
-# against torch's layer, all or none.
+# own forward keeps, so after a forward of ours that cannot write them torch's gradient must
+# find them again (a second, slow forward). Their layer check times our best kernel of every
+# product (chosen alone or not) against torch's layer, all or none.
 COUPLED = frozenset({"max_pool2d"})
 ROUND_BUDGET_MS = 300.0  # timing per plan (the rounds stop when every plan has had about this)
 MIN_ROUNDS, MAX_ROUNDS, WARMUP_ROUNDS = 20, 400, 3
@@ -80,7 +82,7 @@ def check_layers(calls: Sequence[LayerCall], *, cache: Cache, device: str,
     verdicts = []
     for call in calls:
         entries = _entries(call, cache, device)
-        if call.kind in COUPLED:
+        if call.kind in COUPLED and not _forward_writes_indices(call, entries[0], device):
             # Our best kernel of every product, whether or not it won alone, all or none.
             ours = [i for i, e in enumerate(entries) if e is not None and e.best_own is not None
                     and e.vendor_ms is not None]
@@ -101,6 +103,14 @@ def _entries(call: LayerCall, cache: Cache, device: str) -> list[Entry | None]:
     return [None if p is None else cache.find(p, device, registry.kernels_for(p, device)) for p in call.problems]
 
 
+def _forward_writes_indices(call: LayerCall, forward: Entry | None, device: str) -> bool:
+    """Our pool forward can hand torch's gradient its argmax indices (KernelSpec.run_with_indices)."""
+    if forward is None or forward.algorithm == VENDOR:
+        return False
+    spec = next(s for s in registry.kernels_for(call.problems[0], device) if s.algorithm == forward.algorithm)
+    return spec.run_with_indices is not None
+
+
 def _own(entry: Entry) -> tuple[str, dict]:
     """The kernel of ours an entry offers the layer: its choice, or its best own where torch won."""
     if entry.algorithm != VENDOR:
@@ -117,7 +127,7 @@ def _check(call, entries, ours, subsets, cache, device, time_plans) -> LayerVerd
         rounds = dict(zip(subsets, time_plans(plans), strict=True))
     ratios = {sub: paired_ratio(rounds[sub], rounds[()]) for sub in subsets if sub}
     winners = [sub for sub in subsets if sub and clearly_faster(rounds[sub], rounds[()])]
-    best = min(winners, key=lambda sub: ratios[sub], default=())
+    best = fewest_products(winners, ratios)
     times = {_label(sub): measure.summarize(t) for sub, t in rounds.items()}
     torch_ms = times["torch"].median
     if best:
@@ -142,6 +152,17 @@ def _check(call, entries, ours, subsets, cache, device, time_plans) -> LayerVerd
     return LayerVerdict(call=call, times=times, ratios={_label(sub): r for sub, r in ratios.items()},
                         kept=tuple(PRODUCTS[i] for i in best),
                         given_back=tuple(PRODUCTS[i] for i in lost), reason=reason)
+
+
+def fewest_products(winners: Sequence[tuple[int, ...]], ratios: dict) -> tuple[int, ...]:
+    """The winning plan with the fewest of our products among those within MIN_GAIN of the
+    fastest: each product of ours must pay for itself. In a training step our kernels meet
+    colder caches than in this check (a pool gradient of ours ran ~2x slower there, torch's
+    index-based one did not), so a tie here is a loss there."""
+    if not winners:
+        return ()
+    fastest = min(ratios[sub] for sub in winners)
+    return min((sub for sub in winners if ratios[sub] <= fastest + MIN_GAIN), key=lambda sub: (len(sub), ratios[sub]))
 
 
 def paired_ratio(ours: Sequence[float], torch_layer: Sequence[float]) -> float:

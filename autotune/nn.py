@@ -295,9 +295,21 @@ class _MaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, plan: _Plan):
         ctx.plan = plan
-        if plan.forward_choice.spec.algorithm == VENDOR:
+        forward, window = plan.forward_choice.spec, plan.forward.window
+        ctx.indices = plan.grad_input_choice is not None and hands_indices_to_torch(plan)
+        if forward.algorithm == VENDOR:
             with _label("autotune::max_pool2d:vendor"):
-                y = F.max_pool2d(x, plan.forward.window)
+                y = F.max_pool2d(x, window)
+        elif ctx.indices:
+            # Our forward, torch's gradient: the forward writes the argmax indices torch's
+            # gradient reads, as torch's own forward would have.
+            x = x if x.is_contiguous() else x.contiguous()
+            y, indices = x.new_empty(_output_shape(plan.forward)), x.new_empty(_output_shape(plan.forward),
+                                                                               dtype=torch.int64)
+            with _label(f"autotune::max_pool2d:{forward.algorithm}"):
+                forward.run_with_indices(plan.forward, plan.forward_choice.knobs, (x,), y, indices)
+            ctx.save_for_backward(x, indices)
+            return y
         else:
             y = _launch(plan.forward_choice, plan.forward, x)
         # The gradient kernels take (x, y, dy): y, each window's maximum, locates the argmax.
@@ -306,10 +318,22 @@ class _MaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, y = ctx.saved_tensors
+        x, y_or_indices = ctx.saved_tensors
         plan: _Plan = ctx.plan
+        if ctx.indices:
+            k = [plan.forward.window] * 2
+            with _label("autotune::max_pool2d_bwd:vendor"):
+                return torch.ops.aten.max_pool2d_with_indices_backward(dy, x, k, k, [0, 0], [1, 1], False,
+                                                                       y_or_indices), None
         dy = dy if dy.is_contiguous() else dy.contiguous()
-        return _launch(plan.grad_input_choice, plan.grad_input, x, y, dy), None
+        return _launch(plan.grad_input_choice, plan.grad_input, x, y_or_indices, dy), None
+
+
+def hands_indices_to_torch(plan: _Plan) -> bool:
+    """Our pool forward followed by torch's gradient, the forward able to write the indices it
+    needs (otherwise torch's gradient would run its own forward again to find them)."""
+    return (plan.forward_choice.spec.algorithm != VENDOR and plan.forward_choice.spec.run_with_indices is not None
+            and plan.grad_input_choice.spec.algorithm == VENDOR)
 
 
 def max_pool2d(x: torch.Tensor, kernel_size, stride=None) -> torch.Tensor:

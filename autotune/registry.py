@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ from autotune.space import Config, Space, Value, load_spaces
 # imports count towards a kernel's source hash.
 KERNEL_PACKAGE = "kernels"
 PROJECT_PACKAGES = ("kernels", "autotune")
-# Module name -> backend. "numpy" runs on the CPU, "triton" on a CUDA GPU, "torch" on both.
+# Module name -> backend. "numpy" and "numba" (compiled loop nests) run on the CPU, "triton" on a
+# CUDA GPU, "torch" on both.
 # Helper modules without kernels (kernels/triton_tiles.py) are not listed: they count through the
 # source hash of the modules that import them.
 MODULES = {
@@ -52,6 +54,7 @@ MODULES = {
     "numpy_gemm": "numpy",
     "numpy_winograd": "numpy",
     "numpy_pool": "numpy",
+    "numba_pool": "numba",
     "vendor": "torch",
     "triton_gemm": "triton",
     "triton_conv": "triton",
@@ -59,11 +62,13 @@ MODULES = {
 # Where users name their own kernel modules (see the module docstring).
 PLUGIN_ENV = "AUTOTUNE_PLUGINS"
 PLUGIN_GROUP = "autotune.kernels"
-BACKENDS_BY_DEVICE = {"cpu": ("numpy", "torch"), "cuda": ("triton", "torch")}
+BACKENDS_BY_DEVICE = {"cpu": ("numpy", "numba", "torch"), "cuda": ("triton", "torch")}
+ALL_BACKENDS = ("numpy", "numba", "torch", "triton")
 # The dtypes each backend computes in (a kernel's supports() may narrow this further): NumPy has
 # no bfloat16 and its float16 matmul is not BLAS; Triton's tl.dot has no float64 fast path.
 BACKEND_DTYPES = {
     "numpy": ("float32", "float64"),
+    "numba": ("float32", "float64"),
     "triton": ("float32", "float16", "bfloat16"),
     "torch": ("float32", "float64", "float16", "bfloat16"),
 }
@@ -99,6 +104,10 @@ class KernelSpec:
     # True when run() also takes a layer's bias as a third input, (x, w, b), and adds it in the
     # kernel's epilogue (forward convs): the layer then skips a separate pass over the output.
     bias_epilogue: bool = False
+    # Max-pool forwards only: run(problem, knobs, inputs, out, indices) that also writes torch's
+    # argmax indices (int64, flat within each plane, as max_pool2d_with_indices) into `indices`,
+    # so a layer can run our forward and torch's gradient, which needs them.
+    run_with_indices: Callable[..., Any] | None = None
     # What check() believes a config needs on a GPU, e.g. {"shared": bytes, "registers": per
     # thread}; `autotune compile-check` compares it with the compiler's figures.
     resources: Callable[[Problem, Knobs], Mapping[str, int]] | None = None
@@ -394,23 +403,19 @@ def available_backends(device_kind: str) -> tuple[str, ...]:
     return BACKENDS_BY_DEVICE[device_kind]
 
 
-def load(backends: Sequence[str] = ("numpy", "torch", "triton")) -> list[KernelSpec]:
-    """Every registered kernel of the given backends (Triton skipped if it does not import):
-    ours, then the plugins'."""
+def load(backends: Sequence[str] = ALL_BACKENDS) -> list[KernelSpec]:
+    """Every registered kernel of the given backends (Triton and Numba skipped where they do not
+    import): ours, then the plugins'."""
+    backends = [b for b in backends if backend_importable(b)]
     plugins = [spec for spec in _plugins() if spec.backend in backends]
-    if "triton" in backends and not triton_available():
-        plugins = [spec for spec in plugins if spec.backend != "triton"]
     return [*_builtins(backends), *plugins]
 
 
 def _builtins(backends) -> list[KernelSpec]:
     specs: list[KernelSpec] = []
     for name, backend in MODULES.items():
-        if backend not in backends:
-            continue
-        if backend == "triton" and not triton_available():
-            continue
-        specs.extend(_load_module(name))
+        if backend in backends:
+            specs.extend(_load_module(name))
     return specs
 
 
@@ -439,7 +444,7 @@ def valid_configs(problem: Problem, specs: Sequence[KernelSpec]) -> list[Config]
 
 
 def get(op: str, algorithm: str, device_kind: str | None = None) -> KernelSpec:
-    backends = available_backends(device_kind) if device_kind else ("numpy", "torch", "triton")
+    backends = available_backends(device_kind) if device_kind else ALL_BACKENDS
     specs = load(backends)
     for spec in specs:
         if spec.op == op and spec.algorithm == algorithm:
@@ -448,6 +453,21 @@ def get(op: str, algorithm: str, device_kind: str | None = None) -> KernelSpec:
     raise UnknownNameError(
         f"unknown algorithm {algorithm!r} for {op}; choose one of {', '.join(known) or '(none)'}"
     )
+
+
+def backend_importable(backend: str) -> bool:
+    """Triton and Numba are imported only where they exist (the GPU machines have no Numba, a
+    CPU-only install may have no Triton); NumPy and torch always do."""
+    if backend == "triton":
+        return triton_available()
+    if backend == "numba":
+        return numba_available()
+    return True
+
+
+@cache
+def numba_available() -> bool:
+    return importlib.util.find_spec("numba") is not None
 
 
 @cache

@@ -177,3 +177,61 @@ def test_a_max_pool_layer_is_checked_all_or_none(tmp_path, wins):
         assert found["max_pool2d"].algorithm == "vendor" and found["max_pool2d"].best_own.algorithm == "strided"
         assert found["max_pool2d_bwd"].algorithm == "vendor"
     assert all(e.layer_check.startswith("kept: " if wins else "lost: ") for e in found.values())
+
+
+def test_a_pool_forward_that_writes_indices_is_checked_as_any_layer(tmp_path):
+    """The compiled forward writes torch's argmax indices, so our forward with torch's gradient
+    is a plan of its own (no second forward): the four subsets are timed, and the one that wins
+    keeps our forward and gives our gradient back."""
+    calls = layer_calls(nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2)), torch.randn(2, 1, 10, 10))
+    (pool,) = [c for c in calls if c.kind == "max_pool2d"]
+    forward, gradient, _ = pool.problems
+    cache = Cache(tmp_path)
+    cache.store(_own_entry(forward, "loop_nest", {}, ms=0.01, vendor_ms=0.05))
+    cache.store(_own_entry(gradient, "loop_nest", {}, ms=0.02, vendor_ms=0.06))
+
+    def time_plans(plans):
+        assert len(plans) == 4  # ours fwd+dx, ours fwd, ours dx, torch's layer
+        return [[1.5] * 50, [1.0] * 50, [2.5] * 50, [2.0] * 50]
+
+    (verdict,) = layer_check.check_layers([pool], cache=cache, device="cpu", time_plans=time_plans)
+    found = {p.op: cache.find(p, "cpu", registry.kernels_for(p, "cpu")) for p in (forward, gradient)}
+    assert verdict.kept == ("fwd",) and verdict.given_back == ("dx",)
+    assert found["max_pool2d"].algorithm == "loop_nest" and found["max_pool2d_bwd"].algorithm == "vendor"
+
+
+def test_a_plan_with_more_of_our_products_must_win_by_min_gain():
+    """Each product of ours pays for itself: within MIN_GAIN of the fastest plan, the plan with
+    fewer of our products wins; beyond it, the fastest."""
+    close = {(0, 1): 0.50, (0,): 0.50 + layer_check.MIN_GAIN / 2, (1,): 0.9}
+    assert layer_check.fewest_products(list(close), close) == (0,)
+    apart = {(0, 1): 0.50, (0,): 0.50 + 2 * layer_check.MIN_GAIN, (1,): 0.9}
+    assert layer_check.fewest_products(list(apart), apart) == (0, 1)
+    assert layer_check.fewest_products([], {}) == ()
+
+
+def test_correctness_our_pool_forward_hands_torch_gradient_its_indices(tmp_path):
+    """Our compiled forward with torch's gradient in the layer: the forward writes torch's
+    argmax indices, so values and gradient are torch's bit for bit (a NaN window and ReLU ties
+    included) and torch's own pool forward never runs."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.relu(torch.randn(4, 6, 12, 12, generator=gen))
+    x[0, 0, :2, :4] = float("nan")
+    x.requires_grad_(True)
+    dy = torch.randn(4, 6, 6, 6, generator=gen)
+    (pool,) = layer_calls(nn.Sequential(nn.MaxPool2d(2)), x)
+    forward, gradient, _ = pool.problems
+    cache = Cache(tmp_path)
+    cache.store(_own_entry(forward, "loop_nest", {}, ms=0.01, vendor_ms=0.05))
+    cache.store(_vendor_entry(gradient, "loop_nest", ms=0.02, own_ms=0.03))
+    with autotune.policy("cached", cache_dir=tmp_path), torch.profiler.profile() as prof:
+        y = autotune.max_pool2d(x, 2)
+        (dx,) = torch.autograd.grad(y, x, dy)
+    ran = {e.key for e in prof.key_averages()}
+    assert "autotune::max_pool2d:loop_nest" in ran and "aten::max_pool2d_with_indices_backward" in ran
+    assert "aten::max_pool2d_with_indices" not in ran
+    ref = x.detach().clone().requires_grad_(True)
+    y_ref = torch.nn.functional.max_pool2d(ref, 2)
+    (dx_ref,) = torch.autograd.grad(y_ref, ref, dy)
+    assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(y.nan_to_num(), y_ref.nan_to_num())
+    assert torch.equal(dx, dx_ref)

@@ -1,4 +1,4 @@
-"""Max-pooling as a tuned op: the NumPy kernels, the layer and patching against torch (the
+"""Max-pooling as a tuned op: the NumPy and compiled (Numba) kernels, the layer and patching against torch (the
 `correctness` tests compare exactly: pooling moves values, it computes none)."""
 
 import warnings
@@ -12,6 +12,11 @@ import autotune
 from autotune.problem import Pool2dProblem
 from autotune.reference import empty_output, make_inputs
 from kernels import numpy_pool
+
+try:
+    from kernels import numba_pool
+except ImportError:  # the GPU machines' image has no Numba
+    numba_pool = None
 
 CASES = [  # (n, c, h, w, window, dtype)
     (16, 6, 28, 28, 2, torch.float32),  # LeNet's first pool at batch 16
@@ -28,15 +33,21 @@ def _torch(x, window, dy):
     return y.detach(), x.grad
 
 
-def _ours(x, window, dy, order):
+# Every kernel of ours with its forward knobs: the NumPy kernel in both orders, the loop nest.
+KERNELS = [*((numpy_pool, {"order": order}) for order in numpy_pool.ORDERS),
+           *([(numba_pool, {})] if numba_pool is not None else [])]
+
+
+def _ours(x, window, dy, kernel):
+    module, knobs = kernel
     n, c, h, w = x.shape
     dtype = str(x.dtype).split(".")[-1]
     forward = Pool2dProblem(op="max_pool2d", n=n, c=c, h=h, w=w, window=window, dtype=dtype)
     y = empty_output(forward)
-    numpy_pool.forward(forward, {"order": order}, (x,), y)
+    module.forward(forward, knobs, (x,), y)
     backward = forward.with_op("max_pool2d_bwd")
     dx = empty_output(backward)
-    numpy_pool.backward(backward, {}, (x, y, dy), dx)
+    module.backward(backward, {}, (x, y, dy), dx)
     return y, dx
 
 
@@ -45,15 +56,16 @@ def _same(a, b):  # equal, NaN where NaN
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("order", numpy_pool.ORDERS)
-@pytest.mark.parametrize("special", ["finite", "nan", "inf"])
-def test_correctness_numpy_max_pool_matches_torch_exactly_with_ties_and_nans(case, order, special):
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: "-".join([k[0].__name__.split(".")[-1], *k[1].values()]))
+@pytest.mark.parametrize("special", ["finite", "nan", "inf", "nan_grad", "signed_zeros"])
+def test_correctness_cpu_max_pool_matches_torch_exactly_with_ties_and_nans(case, kernel, special):
     n, c, h, w, window, dtype = case
     gen = torch.Generator().manual_seed(0)
     # After a ReLU most windows tie at zero: the gradient must go to the element torch picks
     # (the first in row-major order). "nan": some windows hold NaNs (torch's maximum is NaN
     # there and the gradient goes to the window's last NaN); "inf": an infinite gradient, which
-    # the finite-only path must not turn into NaNs (inf * 0).
+    # the finite-only path must not turn into NaNs (inf * 0); "nan_grad": a NaN gradient goes to
+    # torch's element only; "signed_zeros": -0.0 and 0.0 tie, the gradient goes to the first.
     x = F.relu(torch.randn(n, c, h, w, generator=gen, dtype=dtype))
     x[0, 0, : min(2, h), : 2 * window] = 0.5  # whole windows tied at a positive value
     dy = torch.randn(*y_shape(x, window), generator=gen, dtype=dtype)
@@ -62,8 +74,13 @@ def test_correctness_numpy_max_pool_matches_torch_exactly_with_ties_and_nans(cas
         x[-1, -1, -1, -1] = float("nan")
     elif special == "inf":
         dy[0, 0, 0, 0], dy[-1, -1, -1, -1] = float("inf"), -float("inf")
+    elif special == "nan_grad":
+        dy[0, 0, 0, 0] = dy[-1, -1, -1, -1] = float("nan")
+    elif special == "signed_zeros":
+        x[x == 0] = -0.0
+        x[1::2, :, ::2, ::2] = 0.0
     y_ref, dx_ref = _torch(x, window, dy)
-    y, dx = _ours(x, window, dy, order)
+    y, dx = _ours(x, window, dy, kernel)
     assert _same(y, y_ref) and _same(dx, dx_ref)
     assert (dx != 0).sum() <= dy.numel()  # one element per window at most
 
@@ -116,5 +133,7 @@ def test_patch_swaps_only_non_overlapping_unpadded_pools():
 def test_search_max_pool_measures_checked_kernels(tmp_path):
     problem = autotune.parse_problem("max_pool2d_bwd", "6x28x28", batch=4)
     entry = autotune.search(problem, device="cpu", trials=3, cache=autotune.Cache(tmp_path))
-    assert entry.algorithm in {"vendor", "strided"} and entry.median_ms > 0
-    assert entry.vendor_ms is not None and entry.best_own is not None and entry.best_own.algorithm == "strided"
+    assert entry.algorithm in {"vendor", "strided", "loop_nest"} and entry.median_ms > 0
+    assert entry.vendor_ms is not None and entry.best_own is not None
+    assert entry.best_own.algorithm in {"strided", "loop_nest"}
+
