@@ -12,6 +12,7 @@ import contextlib
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,6 +127,15 @@ class _Plan:
     @functools.cached_property
     def torch_gradients(self) -> bool:
         return all(c is None or c.spec.algorithm == VENDOR for c in (self.grad_input_choice, self.grad_weight_choice))
+
+    @functools.cached_property
+    def hands_indices_to_torch(self) -> bool:
+        """A pool whose forward is ours and whose gradient is torch's, the forward able to write
+        the argmax indices torch's gradient reads (otherwise that gradient would run torch's
+        forward again to find them)."""
+        forward, gradient = self.forward_choice.spec, self.grad_input_choice
+        return (forward.algorithm != VENDOR and forward.run_with_indices is not None
+                and gradient is not None and gradient.spec.algorithm == VENDOR)
 
 
 VENDOR = "vendor"
@@ -295,19 +305,19 @@ class _MaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, plan: _Plan):
         ctx.plan = plan
-        forward, window = plan.forward_choice.spec, plan.forward.window
-        ctx.indices = plan.grad_input_choice is not None and hands_indices_to_torch(plan)
+        forward = plan.forward_choice.spec
         if forward.algorithm == VENDOR:
             with _label("autotune::max_pool2d:vendor"):
-                y = F.max_pool2d(x, window)
-        elif ctx.indices:
+                y = F.max_pool2d(x, plan.forward.window)
+        elif plan.hands_indices_to_torch:
             # Our forward, torch's gradient: the forward writes the argmax indices torch's
-            # gradient reads, as torch's own forward would have.
+            # gradient reads, as torch's own forward would have. Outputs are NumPy buffers
+            # seen as tensors (a third of new_empty's cost on this hot path).
             x = x if x.is_contiguous() else x.contiguous()
-            y, indices = x.new_empty(_output_shape(plan.forward)), x.new_empty(_output_shape(plan.forward),
-                                                                               dtype=torch.int64)
+            y, indices = _empty(x, plan.forward), _empty(x, plan.forward, torch.int64)
             with _label(f"autotune::max_pool2d:{forward.algorithm}"):
                 forward.run_with_indices(plan.forward, plan.forward_choice.knobs, (x,), y, indices)
+            indices, y = _as_tensor(indices), _as_tensor(y)
             ctx.save_for_backward(x, indices)
             return y
         else:
@@ -320,20 +330,29 @@ class _MaxPool2dFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, y_or_indices = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        if ctx.indices:
+        if plan.hands_indices_to_torch:
             k = [plan.forward.window] * 2
             with _label("autotune::max_pool2d_bwd:vendor"):
-                return torch.ops.aten.max_pool2d_with_indices_backward(dy, x, k, k, [0, 0], [1, 1], False,
-                                                                       y_or_indices), None
+                return _POOL_GRADIENT(dy, x, k, k, [0, 0], [1, 1], False, y_or_indices), None
         dy = dy if dy.is_contiguous() else dy.contiguous()
         return _launch(plan.grad_input_choice, plan.grad_input, x, y_or_indices, dy), None
 
 
-def hands_indices_to_torch(plan: _Plan) -> bool:
-    """Our pool forward followed by torch's gradient, the forward able to write the indices it
-    needs (otherwise torch's gradient would run its own forward again to find them)."""
-    return (plan.forward_choice.spec.algorithm != VENDOR and plan.forward_choice.spec.run_with_indices is not None
-            and plan.grad_input_choice.spec.algorithm == VENDOR)
+_POOL_GRADIENT = torch.ops.aten.max_pool2d_with_indices_backward.default  # bound once: no lookup per call
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64}
+
+
+def _empty(x: torch.Tensor, problem: Problem, dtype: torch.dtype | None = None):
+    """An output buffer for a kernel that takes NumPy arrays or tensors: a NumPy array on the CPU
+    (a third of new_empty's cost, on the hot path of every call), else a tensor like x."""
+    dtype = dtype or x.dtype
+    if not x.is_cuda and dtype in _NUMPY_DTYPES:
+        return np.empty(_output_shape(problem), _NUMPY_DTYPES[dtype])
+    return x.new_empty(_output_shape(problem), dtype=dtype)
+
+
+def _as_tensor(buffer) -> torch.Tensor:
+    return torch.from_numpy(buffer) if isinstance(buffer, np.ndarray) else buffer
 
 
 def max_pool2d(x: torch.Tensor, kernel_size, stride=None) -> torch.Tensor:

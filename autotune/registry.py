@@ -106,7 +106,8 @@ class KernelSpec:
     bias_epilogue: bool = False
     # Max-pool forwards only: run(problem, knobs, inputs, out, indices) that also writes torch's
     # argmax indices (int64, flat within each plane, as max_pool2d_with_indices) into `indices`,
-    # so a layer can run our forward and torch's gradient, which needs them.
+    # so a layer can run our forward and torch's gradient, which needs them. out and indices are
+    # contiguous NumPy arrays or CPU tensors.
     run_with_indices: Callable[..., Any] | None = None
     # What check() believes a config needs on a GPU, e.g. {"shared": bytes, "registers": per
     # thread}; `autotune compile-check` compares it with the compiler's figures.

@@ -195,8 +195,8 @@ def supports(problem) -> str | None:
 
 
 def _planes(problem, t) -> np.ndarray:
-    """(N, C, H, W) tensor -> (N*C, H, W) array view: the loops see one plane per channel."""
-    return as_numpy(t).reshape(problem.n * problem.c, *t.shape[2:])
+    """(N, C, H, W) tensor or array -> (N*C, H, W) array view: the loops see one plane per channel."""
+    return (t if isinstance(t, np.ndarray) else as_numpy(t)).reshape(problem.n * problem.c, *t.shape[2:])
 
 
 def forward(problem, knobs, inputs, out):
@@ -211,7 +211,8 @@ def forward(problem, knobs, inputs, out):
 def forward_with_indices(problem, knobs, inputs, out, indices):
     """The forward that also writes torch's argmax indices (int64, flat within each plane, as
     max_pool2d_with_indices returns them) into `indices`: torch's own gradient can then follow
-    our forward without finding the maxima again."""
+    our forward without finding the maxima again. `out` and `indices` may be tensors or NumPy
+    arrays (the layer passes arrays: cheaper to make)."""
     (x,) = inputs
     xs, y, at = _planes(problem, x), _planes(problem, out), _planes(problem, indices)
     if problem.window == 2:
