@@ -302,24 +302,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 
 
 class _MaxPool2dFunction(torch.autograd.Function):
+    """A pool whose gradient is ours (its forward ours or torch's), or whose forward is ours and
+    cannot write torch's indices: our gradient kernels take (x, y, dy)."""
+
     @staticmethod
     def forward(ctx, x, plan: _Plan):
         ctx.plan = plan
-        forward = plan.forward_choice.spec
-        if forward.algorithm == VENDOR:
+        if plan.forward_choice.spec.algorithm == VENDOR:
             with _label("autotune::max_pool2d:vendor"):
                 y = F.max_pool2d(x, plan.forward.window)
-        elif plan.hands_indices_to_torch:
-            # Our forward, torch's gradient: the forward writes the argmax indices torch's
-            # gradient reads, as torch's own forward would have. Outputs are NumPy buffers
-            # seen as tensors (a third of new_empty's cost on this hot path).
-            x = x if x.is_contiguous() else x.contiguous()
-            y, indices = _empty(x, plan.forward), _empty(x, plan.forward, torch.int64)
-            with _label(f"autotune::max_pool2d:{forward.algorithm}"):
-                forward.run_with_indices(plan.forward, plan.forward_choice.knobs, (x,), y, indices)
-            indices, y = _as_tensor(indices), _as_tensor(y)
-            ctx.save_for_backward(x, indices)
-            return y
         else:
             y = _launch(plan.forward_choice, plan.forward, x)
         # The gradient kernels take (x, y, dy): y, each window's maximum, locates the argmax.
@@ -328,17 +319,28 @@ class _MaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, y_or_indices = ctx.saved_tensors
+        x, y = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        if plan.hands_indices_to_torch:
-            k = [plan.forward.window] * 2
-            with _label("autotune::max_pool2d_bwd:vendor"):
-                return _POOL_GRADIENT(dy, x, k, k, [0, 0], [1, 1], False, y_or_indices), None
         dy = dy if dy.is_contiguous() else dy.contiguous()
-        return _launch(plan.grad_input_choice, plan.grad_input, x, y_or_indices, dy), None
+        return _launch(plan.grad_input_choice, plan.grad_input, x, y, dy), None
 
 
-_POOL_GRADIENT = torch.ops.aten.max_pool2d_with_indices_backward.default  # bound once: no lookup per call
+def _pool(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """A max-pool layer on a plan that is not torch's alone."""
+    if not plan.hands_indices_to_torch:
+        return _MaxPool2dFunction.apply(x, plan)
+    # Our forward finds each window's argmax (torch's int64 indices); the output is then a
+    # gather of x at those indices, whose autograd node is torch's own (C++): its backward
+    # scatters dy to the argmax exactly as torch's pool gradient does, with no Python in the
+    # backward pass (a Python autograd node cost ~50 us a pool in LeNet's step).
+    x = x if x.is_contiguous() else x.contiguous()
+    forward = plan.forward_choice.spec
+    values, indices = _empty(x, plan.forward), _empty(x, plan.forward, torch.int64)
+    with _label(f"autotune::max_pool2d:{forward.algorithm}"):
+        forward.run_with_indices(plan.forward, plan.forward_choice.knobs, (x.detach(),), values, indices)
+    return x.flatten(2).gather(2, _as_tensor(indices).flatten(2)).view(_output_shape(plan.forward))
+
+
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64}
 
 
@@ -378,7 +380,7 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride=None) -> torch.Tensor:
             return F.max_pool2d(x, window)
         with _label("autotune::max_pool2d:vendor"):
             return F.max_pool2d(x, window)
-    return _MaxPool2dFunction.apply(x, plan)
+    return _pool(x, plan)
 
 
 class Conv2d(nn.Conv2d):
@@ -531,7 +533,7 @@ def run_layer(call: LayerCall, choices: tuple, x: torch.Tensor, w: torch.Tensor,
             return F.conv2d(x, w, b, *call.geometry)
         return _Conv2dFunction.apply(x, w, b, plan)
     if call.kind == "max_pool2d":
-        return F.max_pool2d(x, *call.geometry) if plan.torch_only else _MaxPool2dFunction.apply(x, plan)
+        return F.max_pool2d(x, *call.geometry) if plan.torch_only else _pool(x, plan)
     return F.linear(x, w, b) if plan.torch_only else _LinearFunction.apply(x, w, b, plan)
 
 
