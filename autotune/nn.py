@@ -334,23 +334,23 @@ def _pool(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
     # scatters dy to the argmax exactly as torch's pool gradient does, with no Python in the
     # backward pass (a Python autograd node cost ~50 us a pool in LeNet's step).
     x = x if x.is_contiguous() else x.contiguous()
-    forward = plan.forward_choice.spec
-    values, indices = _empty(x, plan.forward), _empty(x, plan.forward, torch.int64)
+    forward, shape = plan.forward_choice.spec, _output_shape(plan.forward)
+    values, indices = _empty(x, shape), _empty(x, shape, torch.int64)  # the values go unused
     with _label(f"autotune::max_pool2d:{forward.algorithm}"):
-        forward.run_with_indices(plan.forward, plan.forward_choice.knobs, (x.detach(),), values, indices)
-    return x.flatten(2).gather(2, _as_tensor(indices).flatten(2)).view(_output_shape(plan.forward))
+        forward.run_with_indices(plan.forward, plan.forward_choice.knobs, (x,), values, indices)
+    return x.flatten(2).gather(2, _as_tensor(indices).flatten(2)).view(shape)
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64}
 
 
-def _empty(x: torch.Tensor, problem: Problem, dtype: torch.dtype | None = None):
+def _empty(x: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None):
     """An output buffer for a kernel that takes NumPy arrays or tensors: a NumPy array on the CPU
     (a third of new_empty's cost, on the hot path of every call), else a tensor like x."""
     dtype = dtype or x.dtype
     if not x.is_cuda and dtype in _NUMPY_DTYPES:
-        return np.empty(_output_shape(problem), _NUMPY_DTYPES[dtype])
-    return x.new_empty(_output_shape(problem), dtype=dtype)
+        return np.empty(shape, _NUMPY_DTYPES[dtype])
+    return x.new_empty(shape, dtype=dtype)
 
 
 def _as_tensor(buffer) -> torch.Tensor:
