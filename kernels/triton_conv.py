@@ -459,8 +459,16 @@ def implicit_gemm_shared(problem: Conv2dProblem, knobs) -> int:
     """kernels/triton_smem.py's model. Every operand is a gather (computed addresses): pipelined
     for float32, one buffer for 2-byte types, whose loads cp.async cannot take. fwd and
     bwd_data store straight from the accumulator's layout (no conversion measured); bwd_weight
-    converts it, in float32 for a split-K workspace."""
+    converts it, in float32 for a split-K workspace, into rows of C*R*S elements."""
     out_size = None
+    single_step = False
+    if problem.op in ("conv2d", "conv2d_bwd_data"):
+        # The reduction's channel count is a run-time argument unless it is 1 (Triton specialises
+        # it): then the flat loop's cdiv(R*S, BLOCK_K) steps, or the others' R*S, are constants.
+        channels = problem.c if problem.op == "conv2d" else problem.k
+        taps = problem.r * problem.s
+        steps = -(-taps // knobs["BLOCK_K"]) if knobs.get("loop_order", "flat") == "flat" else taps
+        single_step = channels == 1 and steps == 1
     if problem.op == "conv2d_bwd_weight":
         red = gemm_dims(problem)[2]
         split = splits_launched(red, knobs["split_k"], knobs["BLOCK_K"]) > 1
@@ -469,7 +477,8 @@ def implicit_gemm_shared(problem: Conv2dProblem, knobs) -> int:
                       capability=capability(), num_warps=knobs["num_warps"],
                       num_stages=knobs.get("num_stages", DEFAULT_STAGES),
                       input_precision=knobs.get("input_precision", "ieee"), a_vectorised=False,
-                      b_vectorised=False, a_gathered=True, b_gathered=True, out_size=out_size)
+                      b_vectorised=False, a_gathered=True, b_gathered=True, out_size=out_size,
+                      out_rows_aligned=problem.c * problem.r * problem.s % 16 == 0, single_step=single_step)
 
 
 def implicit_gemm_resources(problem: Conv2dProblem, knobs) -> dict[str, int]:

@@ -209,7 +209,8 @@ def shared_bytes(problem: GemmProblem, knobs) -> int:
     """kernels/triton_smem.py's model. An operand's loads are vectorised when its contiguous
     dimension is a multiple of 16 elements (Triton specialises such sizes and strides): A along K
     (along M when transposed), B along N (along K when transposed). The store converts the tile
-    in the output's type, float32 for a split-K workspace."""
+    in the output's type, float32 for a split-K workspace, whose rows (N elements apart) are
+    vector-aligned when N is a multiple of 16."""
     m, n, k = problem.m, problem.n, problem.k
     split = splits_launched(k, knobs["split_k"], knobs["BLOCK_K"]) > 1
     return dot_shared(knobs["BLOCK_M"], knobs["BLOCK_N"], knobs["BLOCK_K"], problem.dtype,
@@ -217,7 +218,7 @@ def shared_bytes(problem: GemmProblem, knobs) -> int:
                       input_precision=knobs["input_precision"],
                       a_vectorised=(m if problem.trans_a else k) % 16 == 0,
                       b_vectorised=(k if problem.trans_b else n) % 16 == 0,
-                      out_size=4 if split else element_size(problem.dtype))
+                      out_size=4 if split else element_size(problem.dtype), out_rows_aligned=n % 16 == 0)
 
 
 def resources(problem: GemmProblem, knobs) -> dict[str, int]:

@@ -11,39 +11,30 @@ convert_layout ops). Three rules:
    (mma.sync on sm_80, or the FMA dot of float32 "ieee"). cp.async moves at least 4 bytes, so a
    2-byte operand qualifies only when its loads are vectorised: contiguous along the tile and
    16-element aligned (the kernel knows from the problem's sizes; gathered conv loads never are).
-   Any other operand is staged once for the dot: one buffer whatever num_stages is.
-2. The epilogue. The accumulator is converted through shared memory to the store's layout, in
-   the output's type (float32 for a split-K workspace): BLOCK_M x BLOCK_N x its size with a
-   wgmma. The FMA dot's accumulator already has a store-friendly layout and needs none (16 warps
-   excepted). mma.sync converts a thread's whole accumulator at once while it is at most 128
-   bytes in the output's type, and otherwise in rounds of half of it, at most 256 bytes a thread
-   (a grid of epilogue-only kernels, every tile and warp count, never needed more than 256; the
-   half-accumulator rounds took the sm_80 sample from 514 to 523 of 539 within ±10%). Some
-   configs with 16-aligned outputs convert in quarters, and some wgmma epilogues with 2-byte
-   outputs in halves: both are overestimates this model keeps. What the exact rule would take
-   (read in Triton's GenericSwizzling.cpp and Allocation.cpp): the scratch is the swizzled
-   tile's size divided by its `reps`, the "segment" address bits (the lowest ones no vector or
-   ld/st/stmatrix tile uses) that are register bits in both the accumulator's layout and the
-   store's coalesced blocked layout; so it needs those two linear layouts (the mma warps
-   split, the wgmma instruction shape, the store's vector width from the output's alignment).
-   A few compiler totals (5120, 8704, 11264, 20480 bytes) are also not one buffer but a scratch
-   placed above one still live, i.e. the allocator's offsets, not only sizes.
+   Any other operand is staged once for the dot: one buffer whatever num_stages is; so is every
+   operand of a loop the compiler knows runs once (Triton specialises an argument equal to 1: a
+   conv over one channel whose R*S taps fit one BLOCK_K step has a constant trip count of 1).
+2. The epilogue. The accumulator is converted through shared memory to the store's coalesced
+   layout, in the output's type (float32 for a split-K workspace). How much that takes depends on
+   both layouts (from 1/16 of the tile to all of it): kernels/triton_layouts.py builds the MMA
+   layout (mma.sync or wgmma) and the store's layout as the compiler would and asks Triton's own
+   allocator for the conversion's scratch; where it cannot be asked, the whole tile. The FMA
+   dot's accumulator already has a store-friendly layout and needs none (16 warps excepted: a
+   whole tile). An earlier rule of thumb here (the whole accumulator up to 128 bytes a thread,
+   else rounds of half of it) overestimated 16 of 539 sampled configs by up to 2x.
 3. The loop's buffers are dead by the epilogue and the allocator reuses them: the total is the
    larger of the two, not the sum.
 
-On the seed-0 sample the model was fitted to (539 configs with an estimate), 523 (97%) are within
-±10% of the compiler and none is above the estimate; the rest are overestimates of rule 2's
-rounds (down to 0.50 of the estimate, never a config wrongly admitted).
+On the seed-0 sample (539 configs with an estimate, sm_80 and sm_90) 536 equal the compiler's
+figure and all are within 10% of it (the three others: 16-warp sm_80 loops, 0.92-0.96).
 """
 
 from __future__ import annotations
 
 import torch
 
-# mma.sync's epilogue converts a thread's whole accumulator at once up to this many bytes (in the
-# output's type); above it in rounds of half the accumulator, at most ROUND_BYTES_PER_THREAD.
-WHOLE_BYTES_PER_THREAD = 128
-ROUND_BYTES_PER_THREAD = 256
+from kernels import triton_layouts
+
 # wgmma: one warpgroup (4 warps) owns 64 rows of the tile at least.
 WGMMA_WARPS = 4
 WGMMA_ROWS = 64
@@ -78,39 +69,45 @@ def async_copyable(dtype: str, vectorised: bool) -> bool:
     return element_size(dtype) >= 4 or vectorised
 
 
-def epilogue_bytes(block_m: int, block_n: int, num_warps: int, out_size: int, *, fma: bool,
-                   wgmma: bool) -> int:
-    """Scratch of the accumulator's layout conversion for the store (rule 2)."""
+def epilogue_bytes(block_m: int, block_n: int, num_warps: int, out_size: int, *, dtype: str,
+                   input_precision: str, capability: int, rows_aligned: bool) -> int:
+    """Scratch of the accumulator's layout conversion for the store (rule 2). `rows_aligned`:
+    the output's rows start 16-element aligned (its row stride divisible by 16)."""
     tile = block_m * block_n * out_size
-    if fma:
+    if not tensor_cores(dtype, input_precision):
         return tile if num_warps == 16 else 0
-    if not wgmma:
-        threads = num_warps * 32
-        per_thread = tile // threads  # the accumulator's bytes a thread holds, in the output type
-        if per_thread <= WHOLE_BYTES_PER_THREAD:
-            return tile
-        return threads * min(per_thread // 2, ROUND_BYTES_PER_THREAD)
-    return tile
+    if uses_wgmma(capability, dtype, input_precision, block_m, num_warps):
+        operand_bits = 32 if dtype == "float32" else 8 * element_size(dtype)
+        src = triton_layouts.wgmma(block_m, block_n, num_warps, operand_bits)
+    else:
+        src = triton_layouts.mma_v2(block_m, block_n, num_warps)
+    vector = triton_layouts.store_vector(block_m, block_n, num_warps, out_size, rows_aligned)
+    dst = triton_layouts.store_layout(block_m, block_n, num_warps, vector)
+    scratch = triton_layouts.conversion_scratch(capability, num_warps, block_m, block_n, out_size, src, dst)
+    return tile if scratch is None else scratch
 
 
 def dot_shared(block_m: int, block_n: int, block_k: int, dtype: str, *, capability: int,
                num_warps: int, num_stages: int, input_precision: str, a_vectorised: bool,
-               b_vectorised: bool, out_size: int | None, a_gathered: bool = False,
-               b_gathered: bool = False) -> int:
+               b_vectorised: bool, out_size: int | None, out_rows_aligned: bool = False,
+               a_gathered: bool = False, b_gathered: bool = False, single_step: bool = False) -> int:
     """Bytes of shared memory Triton allocates for a tl.dot kernel (rule 3: the larger of loop
     and epilogue). `*_vectorised`: the operand's loads are contiguous and 16-element aligned;
     `*_gathered`: computed addresses (conv), pipelined only for 4-byte types. out_size None: the
-    store needs no conversion."""
+    store needs no conversion; `out_rows_aligned`: the output's row stride is a multiple of 16.
+    `single_step`: the K loop is known at compile time to run once (Triton folds it away: nothing
+    to pipeline, one buffer an operand)."""
     size = element_size(dtype)
     wgmma = uses_wgmma(capability, dtype, input_precision, block_m, num_warps)
 
     def buffers(vectorised: bool, gathered: bool) -> int:
         pipelined = size >= 4 if gathered else async_copyable(dtype, vectorised)
-        return operand_buffers(pipelined, num_stages, wgmma)
+        return operand_buffers(pipelined and not single_step, num_stages, wgmma)
 
     loop = (buffers(a_vectorised, a_gathered) * block_m
             + buffers(b_vectorised, b_gathered) * block_n) * block_k * size
     if out_size is None:
         return loop
-    return max(loop, epilogue_bytes(block_m, block_n, num_warps, out_size,
-                                    fma=not tensor_cores(dtype, input_precision), wgmma=wgmma))
+    return max(loop, epilogue_bytes(block_m, block_n, num_warps, out_size, dtype=dtype,
+                                    input_precision=input_precision, capability=capability,
+                                    rows_aligned=out_rows_aligned))

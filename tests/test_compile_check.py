@@ -43,14 +43,38 @@ COMPILED_SHARED = [
     (90, GemmProblem(m=64, n=400, k=120, dtype="float16"), {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, 57344),
     # float32 "ieee" (FMA dot): both operands num_stages - 1, no epilogue scratch.
     (90, GemmProblem(m=64, n=120, k=400, trans_b=True), {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, 49152),
-    # split-K: the float32 workspace's epilogue (128x128x4 B in rounds of 256 B a thread, half
-    # of it at a time) is larger than the loop, and reuses its memory.
+    # split-K: the float32 workspace's epilogue (half the 128x128x4 B tile, the allocator says) is
+    # larger than the loop, and reuses its memory.
     (80, GemmProblem(m=64, n=120, k=400, trans_b=True, dtype="float16"),
      {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "split_k": 2, "num_warps": 4}, 32768),
 ]
 
 
-@pytest.mark.parametrize("arch, problem, knobs, compiled", COMPILED_SHARED)
+# metadata.shared of compiled GEMMs whose epilogue conversion sets the total (or whose loop does,
+# where an older rule of thumb overestimated the conversion up to 2x): Triton's allocator, asked
+# about the conversion between the layouts kernels/triton_layouts.py predicts, gives these exactly.
+COMPILED_EPILOGUES = [
+    # mma.sync, split-K float32 workspace, 16-aligned rows: a vector store, the conversion in quarters.
+    (80, GemmProblem(m=64, n=400, k=120, dtype="float16"),
+     {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 16, "GROUP_M": 16, "num_warps": 16, "num_stages": 4,
+      "program_order": "column_major", "split_k": 4}, 32768),
+    (80, GemmProblem(m=64, n=400, k=120, dtype="bfloat16"),
+     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16, "GROUP_M": 1, "num_warps": 2, "num_stages": 2,
+      "split_k": 4}, 8192),
+    # wgmma with a 2-byte output: half the tile.
+    (90, GemmProblem(m=64, n=84, k=10, dtype="float16"), {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16,
+                                                           "num_warps": 4, "num_stages": 3}, 8192),
+    # The loop's unpipelined operands (8192 + 512 B) outlast a conversion smaller than the tile.
+    (90, GemmProblem(m=84, n=120, k=64, trans_a=True, dtype="float16"),
+     {"BLOCK_M": 256, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4, "num_warps": 4, "num_stages": 4,
+      "program_order": "column_major", "split_k": 4}, 8704),
+    (90, GemmProblem(m=64, n=84, k=10, dtype="float16"),
+     {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 16, "num_warps": 4, "num_stages": 2,
+      "program_order": "column_major"}, 20480),
+]
+
+
+@pytest.mark.parametrize("arch, problem, knobs, compiled", COMPILED_SHARED + COMPILED_EPILOGUES)
 def test_shared_memory_model_matches_compiled_kernels(arch, problem, knobs, compiled):
     with compiling_for(arch):
         knobs = GEMM.full_knobs(problem, knobs)
@@ -115,12 +139,9 @@ def test_compile_check_sm90_five_samples():
     rows, plan = compile_check(archs=(90,), samples=5, workers=2)
     summary = summarize(rows, plan)
     assert summary["failed"] == 0, summary["failures"]
-    # The shared-memory model is never more than 10% below the compiler's figure (it would admit
-    # an overflow), and within 10% of it for most configs (the rest are overestimates: the
-    # epilogue's conversion in rounds, kernels/triton_smem.py rule 2).
-    assert summary["smem_ratio_max"] <= 1.1
-    ratios = [r["smem_ratio"] for r in summary["rows"] if r["smem_ratio"] is not None]
-    assert sum(abs(q - 1) <= 0.1 for q in ratios) >= 0.9 * len(ratios)
+    # The shared-memory model is within 10% of the compiler's figure for every config (the issue's
+    # acceptance bar; the epilogue's conversion is Triton's own allocator's answer).
+    assert 0.9 <= summary["smem_ratio_min"] <= summary["smem_ratio_max"] <= 1.1, summary["rows"]
 
 
 def test_int32_offsets_boundary_gemm():
@@ -211,14 +232,31 @@ def test_prewarm_compiles_the_searchs_first_configs_into_tritons_cache(tmp_path,
     assert list(tmp_path.rglob("*.cubin")), "nothing was written to Triton's cache"
 
 
-def test_mma_sync_epilogue_model_matches_what_ptxas_allocated():
-    # metadata.shared of compiled sm_80 split-K GEMMs (float32 workspace) in the compile-check
-    # sample: a thread's whole accumulator when it is at most 128 bytes, else rounds of half of
-    # it, at most 256 bytes a thread.
-    from kernels.triton_smem import epilogue_bytes
 
-    observed = {(64, 32, 2): 8192, (64, 128, 8): 32768,  # 128 B a thread: at once
-                (64, 128, 4): 16384, (256, 64, 8): 32768,  # 256 B: two rounds of 128
-                (128, 128, 4): 32768, (128, 256, 8): 65536}  # 512 B: rounds of 256
-    for (m, n, warps), shared in observed.items():
-        assert epilogue_bytes(m, n, warps, 4, fma=False, wgmma=False) == shared
+
+def test_a_conv_loop_known_to_run_once_gets_one_buffer():
+    # metadata.shared (compile-check, seed 7): LeNet's conv1 has one input channel (Triton
+    # specialises C == 1), so the flat loop's cdiv(25, BLOCK_K=32) = 1 step is a constant and the
+    # loop is folded: one buffer an operand whatever num_stages is. BLOCK_K=16 (two steps) pipelines.
+    conv = registry.get("conv2d", "implicit_gemm", "cuda")
+    problem = Conv2dProblem(n=64, c=1, h=28, w=28, k=6, r=5, s=5, padding=2, op="conv2d", dtype="float32")
+    for arch, knobs, compiled in [
+            (80, {"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 2, "num_stages": 4}, 18432),
+            (90, {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 2, "num_stages": 3}, 10240),
+            (80, {"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 2, "num_stages": 4}, 27648)]:
+        with compiling_for(arch):
+            knobs = conv.full_knobs(problem, {**knobs, "loop_order": "flat", "input_precision": "ieee"})
+            assert conv.check(problem, knobs) is None
+            assert conv.resources(problem, knobs)["shared"] == compiled
+
+
+def test_epilogue_falls_back_to_the_whole_tile(monkeypatch):
+    """Where Triton's allocator cannot be asked, the conversion is bounded by the whole tile."""
+    from kernels import triton_layouts, triton_smem
+
+    args = dict(dtype="float16", input_precision="ieee", capability=90, rows_aligned=False)
+    assert triton_smem.epilogue_bytes(64, 128, 4, 2, **args) == 8192  # asked: half the tile
+    # A layout the allocator does not parse is "not known", not an error.
+    assert triton_layouts.conversion_scratch(90, 4, 64, 128, 2, "#ttg.nonsense", "#x") is None
+    monkeypatch.setattr(triton_layouts, "conversion_scratch", lambda *a: None)
+    assert triton_smem.epilogue_bytes(64, 128, 4, 2, **args) == 64 * 128 * 2
