@@ -44,6 +44,7 @@ HYBRID_STARTUP_FRACTION = 0.01  # ... or this share of the valid space, whicheve
 # a space) must leave the model turns, or it is random search (README, "Choosing the default").
 HYBRID_STARTUP_SHARE = 0.25
 HYBRID_EVERY = 3  # after that, one proposal in HYBRID_EVERY stays random
+HYBRID_LOCAL_SHORT = 8  # budgets of at most this many configs past the defaults only hill-climb
 ALGORITHM_FOCUS = 8  # random turns favour algorithms whose best is near the best (_Proposer._promise)
 VENDOR = "vendor"
 CANDIDATE_TIMEOUT_S = 60.0  # a GPU candidate that takes longer is recorded as a timeout
@@ -121,6 +122,17 @@ class SamplerPlan:
     # optimum is often one knob step from a good config (LeNet's tensordot batch_chunk 4 next to
     # its default 16), which a model with a handful of points rarely proposes.
     local_every: int = 0
+    # A search whose budget leaves at most this many proposals after the defaults hill-climbs
+    # from the start: every proposal is a local turn. A random start of a few configs teaches a
+    # model nothing, while the defaults are the best-informed configs there are, and a good
+    # config is often one knob step from one (LeNet's conv table: at 11 configs of 75 every plan
+    # with a random start left some seed 4.7% off; README, "Choosing the default sampler").
+    local_when_short: int = 0
+
+    def short(self, budget: int | None, defaults: int) -> bool:
+        """Whether a search of `budget` configs, `defaults` of them defaults, only hill-climbs."""
+        return (self.model is not None and budget is not None
+                and budget - defaults <= self.local_when_short)
 
     def random_turns(self, valid: int, budget: int | None = None) -> int:
         turns = max(self.random_first, round(self.random_fraction * valid))
@@ -171,7 +183,7 @@ def sampler_plan(name: str) -> SamplerPlan:
         # that settled on one plateau keeps sampling the rest of the space.
         return SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=HYBRID_STARTUP,
                            random_fraction=HYBRID_STARTUP_FRACTION, random_share=HYBRID_STARTUP_SHARE,
-                           random_every=HYBRID_EVERY, by_algorithm=True)
+                           random_every=HYBRID_EVERY, by_algorithm=True, local_when_short=HYBRID_LOCAL_SHORT)
     if name == "hybrid-local":
         # hybrid whose model turns are hill-climbing steps (local_every=1): the better plan for
         # small budgets and spaces whose optimum sits one knob from a good config, the worse one
@@ -452,7 +464,8 @@ class _Proposer:
         self.plan = sampler if isinstance(sampler, SamplerPlan) else (
             SamplerPlan() if self.grid else sampler_plan(sampler))
         self.turns = 0
-        self.random_first = self.plan.random_turns(len(valid), budget)
+        self.short = self.plan.short(budget, self.defaults)
+        self.random_first = 0 if self.short else self.plan.random_turns(len(valid), budget)
         # Configs measured before the model proposes (a stall among them means little: stopping).
         self.start = self.defaults + (self.random_first if self.plan.model is not None else 0)
         self.scratch = None
@@ -481,6 +494,8 @@ class _Proposer:
         self.turns += 1
         plan = self.plan
         j = self.turns - self.random_first
+        if self.short:
+            return self._local()
         if plan.model is None or j <= 0 or (plan.random_every and j % plan.random_every == 0):
             return self._random()
         if plan.local_every and j % plan.local_every == 1 % plan.local_every and self.best_config:

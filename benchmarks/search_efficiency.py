@@ -51,6 +51,10 @@ VARIANTS = {
         seed=seed, multivariate=True, group=True, n_startup_trials=32)),
     "tpe-indep": SamplerPlan(model=lambda seed: optuna.samplers.TPESampler(seed=seed)),  # Optuna's default
     "hybrid": "hybrid",  # random for max(16, 1% of the space) but ≤ 25% of the budget, then TPE, 1 turn in 3 random
+    # (a budget of ≤ 8 configs past the defaults only hill-climbs: SamplerPlan.local_when_short)
+    # hybrid before that short-budget rule, and with a longer one
+    "hybrid-v2": dataclasses.replace(sampler_plan("hybrid"), local_when_short=0),
+    "hybrid-s16": dataclasses.replace(sampler_plan("hybrid"), local_when_short=16),
     # hybrid before the random start scaled with the budget and drew the algorithm first
     "hybrid-v1": SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=16,
                              random_fraction=0.01, random_every=3),
