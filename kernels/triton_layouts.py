@@ -139,12 +139,22 @@ def _context():
     return context
 
 
+# The PTX version make_llir passes the allocator; a conversion's scratch does not depend on it
+# (240 mma/wgmma -> blocked layout pairs gave the same bytes at PTX 7.0, 8.0 and 8.8), so where
+# this Triton's ptxas lookup has another signature, this one stands in.
+FALLBACK_PTX_VERSION = 80
+
+
 @functools.cache
 def _ptx_version(capability: int) -> int:
     """The PTX version Triton would target with its bundled ptxas (what make_llir passes)."""
-    from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
+    from triton.backends.nvidia import compiler
 
-    return ptx_get_version(get_ptxas(capability).version)
+    try:
+        tool = compiler.get_ptxas(capability)
+        return compiler.ptx_get_version(tool.version)
+    except Exception:  # noqa: BLE001 - older Triton: get_ptxas() without arguments, a tuple, ...
+        return FALLBACK_PTX_VERSION
 
 
 def _list(values) -> str:
