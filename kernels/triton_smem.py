@@ -77,8 +77,7 @@ def epilogue_bytes(block_m: int, block_n: int, num_warps: int, out_size: int, *,
     if not tensor_cores(dtype, input_precision):
         return tile if num_warps == 16 else 0
     if uses_wgmma(capability, dtype, input_precision, block_m, num_warps):
-        operand_bits = 32 if dtype == "float32" else 8 * element_size(dtype)
-        src = triton_layouts.wgmma(block_m, block_n, num_warps, operand_bits)
+        src = triton_layouts.wgmma(block_m, block_n, num_warps, 8 * element_size(dtype))
     else:
         src = triton_layouts.mma_v2(block_m, block_n, num_warps)
     vector = triton_layouts.store_vector(block_m, block_n, num_warps, out_size, rows_aligned)
