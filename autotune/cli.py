@@ -644,7 +644,7 @@ def _cache_sync(args, cache: Cache) -> int:
 
 
 def cmd_info(args) -> int:
-    specs = registry.load(registry.available_backends(args.device))
+    specs = [registry.for_device(s, args.device) for s in registry.load(registry.available_backends(args.device))]
     info = {
         "device": args.device,
         "fingerprint": devices.fingerprint(args.device),

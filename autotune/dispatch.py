@@ -216,4 +216,6 @@ def _default(problem: Problem, device: str, by_name: dict) -> Choice:
             warnings.warn(f"no tuned kernel cached for {problem.describe()} on {device}; using torch's "
                           "op (run `autotune search` or use policy 'benchmark')", stacklevel=4)
     spec = by_name.get("vendor") or next(iter(by_name.values()))
-    return Choice(spec=spec, knobs=spec.default_config(problem).as_dict(), source="default")
+    # torch's op untuned runs as the user's torch is set up (its TF32 flags, say), like plain torch.
+    knobs = {} if spec.algorithm == "vendor" else spec.default_config(problem).as_dict()
+    return Choice(spec=spec, knobs=knobs, source="default")

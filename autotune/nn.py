@@ -129,6 +129,15 @@ class _Plan:
         return all(c is None or c.spec.algorithm == VENDOR for c in (self.grad_input_choice, self.grad_weight_choice))
 
     @functools.cached_property
+    def torch_gradient_knobs(self) -> dict:
+        """The knobs of torch's one convolution_backward call for both gradients: TF32 only where
+        every gradient it computes was chosen (and verified) with TF32."""
+        chosen = [c for c in (self.grad_input_choice, self.grad_weight_choice) if c is not None]
+        if all(c.source == "default" for c in chosen):
+            return {}  # untuned: the user's flags, as plain torch
+        return {"allow_tf32": all(c.knobs.get("allow_tf32", False) for c in chosen)}
+
+    @functools.cached_property
     def hands_indices_to_torch(self) -> bool:
         """A pool whose forward is ours and whose gradient is torch's, the forward able to write
         the argmax indices torch's gradient reads (otherwise that gradient would run torch's
@@ -192,7 +201,7 @@ class _Conv2dFunction(torch.autograd.Function):
         if plan.forward_choice.spec.algorithm == VENDOR:
             # torch's conv adds the bias in the same call; a separate add would cost a pass.
             with _label("autotune::conv2d:vendor"):
-                return _VENDOR_OPS().conv2d_bias(problem, x, w, b)
+                return _VENDOR_OPS().conv2d_bias(problem, x, w, b, plan.forward_choice.knobs)
         if b is not None and plan.forward_choice.spec.bias_epilogue:
             return _launch(plan.forward_choice, problem, x, w, b)  # the kernel adds the bias
         y = _launch(plan.forward_choice, problem, x, w)
@@ -209,7 +218,8 @@ class _Conv2dFunction(torch.autograd.Function):
             # torch's op wins both, one convolution_backward computes dx, dw and db together,
             # exactly as torch's own autograd would.
             with _label("autotune::conv2d_bwd:vendor"):
-                dx, dw, db = _VENDOR_OPS().conv2d_backward(plan.forward, x, w, dy, (need_dx, need_dw, need_db))
+                dx, dw, db = _VENDOR_OPS().conv2d_backward(plan.forward, x, w, dy, (need_dx, need_dw, need_db),
+                                                           plan.torch_gradient_knobs)
             return dx, dw, db, None
         dx = _launch(plan.grad_input_choice, plan.grad_input, dy, w) if need_dx else None
         dw = _launch(plan.grad_weight_choice, plan.grad_weight, x, dy) if need_dw else None

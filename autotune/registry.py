@@ -116,6 +116,9 @@ class KernelSpec:
     # their default), measured right after the defaults and warm-start configs. A GPU search
     # measures a few dozen configs at a second of compiling each, so where it starts matters.
     seeds: Callable[[Problem], Sequence[Knobs]] | None = None
+    # Knobs that change nothing on a CPU (torch's TF32 flags): a CPU search keeps them at their
+    # default instead of measuring the same kernel twice under two names.
+    gpu_only_knobs: tuple[str, ...] = ()
     # Filled in by the registry:
     space: Space = Space()
     source_hash: str = ""
@@ -423,12 +426,20 @@ def _builtins(backends) -> list[KernelSpec]:
 def kernels_for(problem: Problem, device_kind: str) -> list[KernelSpec]:
     """Kernels that can run `problem` on this device, in registry order."""
     return [
-        spec
+        for_device(spec, device_kind)
         for spec in load(available_backends(device_kind))
         if spec.op == problem.op
         and problem.dtype in BACKEND_DTYPES[spec.backend]
         and spec.supports(problem) is None
     ]
+
+
+def for_device(spec: KernelSpec, device_kind: str) -> KernelSpec:
+    """The spec as a search on this device sees it: on a CPU without its GPU-only knobs."""
+    if device_kind == "cuda" or not spec.gpu_only_knobs:
+        return spec
+    kept = tuple(p for p in spec.space if p.name not in spec.gpu_only_knobs)
+    return dataclasses.replace(spec, space=Space(params=kept))
 
 
 def valid_configs(problem: Problem, specs: Sequence[KernelSpec]) -> list[Config]:
@@ -449,7 +460,7 @@ def get(op: str, algorithm: str, device_kind: str | None = None) -> KernelSpec:
     specs = load(backends)
     for spec in specs:
         if spec.op == op and spec.algorithm == algorithm:
-            return spec
+            return for_device(spec, device_kind) if device_kind else spec
     known = sorted({s.algorithm for s in specs if s.op == op})
     raise UnknownNameError(
         f"unknown algorithm {algorithm!r} for {op}; choose one of {', '.join(known) or '(none)'}"

@@ -113,6 +113,15 @@ def check_problem(problem, evaluate, *, trials: int, timeout_s: float) -> dict:
                    winner="triton" if own.measurement.median < torch_m.median else "torch")
     if result.vendor is not None:
         row["tuner_vendor"] = result.vendor.measurement.as_dict()
+        row["tuner_vendor_knobs"] = result.vendor.config.as_dict()
+    if own is not None or result.vendor is not None:
+        # What a cached decision would run (autotune.decision): ours only when faster than the
+        # best torch config the search measured (TF32 included) beyond the noise.
+        from autotune.decision import decide
+
+        chosen, why = decide(own, result.vendor)
+        row["tuner_chose"] = chosen.config.describe()
+        row["tuner_why"] = why
     row["seconds"] = round(time.monotonic() - t0, 1)
     return row
 
@@ -124,7 +133,15 @@ def fmt_row(row: dict) -> str:
     return (f"{name:<58} {row['triton']['median_ms']:>10.4f} {row['torch']['median_ms']:>10.4f} "
             f"{row['speedup']:>7.2f}  {row['winner']:<6} {row['algorithm']} "
             f"({row['trials']}/{row.get('valid_configs', '?')} cfgs{', tf32' if row['torch_tf32'] else ''}"
-            f"{'' if row.get('trustworthy', True) else ', UNTRUSTED'})")
+            f"{'' if row.get('trustworthy', True) else ', UNTRUSTED'}); tuner chose "
+            f"{_short(row.get('tuner_chose', '-'))}")
+
+
+def _short(config: str) -> str:
+    """'vendor allow_tf32=True' -> 'torch tf32'; one of ours -> its algorithm."""
+    if config.startswith("vendor"):
+        return "torch tf32" if "allow_tf32=True" in config else "torch"
+    return "ours " + config.split()[0]
 
 
 def run(args) -> dict:
