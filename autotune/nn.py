@@ -118,11 +118,16 @@ class _Plan:
     forward_choice: dispatch.Choice
     grad_input_choice: dispatch.Choice | None
     grad_weight_choice: dispatch.Choice | None
+    on_gpu: bool = False
 
     @functools.cached_property
     def torch_only(self) -> bool:
-        return all(c is None or c.spec.algorithm == VENDOR
-                   for c in (self.forward_choice, self.grad_input_choice, self.grad_weight_choice))
+        """torch's op for every product, so the layer can be torch's own (native autograd) --
+        except on a GPU where a tuned choice pins TF32 on or off: torch's autograd would run the
+        gradients under whatever the global flags say then, so the Function applies the knobs."""
+        chosen = [c for c in (self.forward_choice, self.grad_input_choice, self.grad_weight_choice) if c is not None]
+        return all(c.spec.algorithm == VENDOR for c in chosen) and not (
+            self.on_gpu and any("allow_tf32" in c.knobs for c in chosen))
 
     @functools.cached_property
     def torch_gradients(self) -> bool:
@@ -169,7 +174,7 @@ def _plan(key: tuple, call: LayerCall, x: torch.Tensor, w: torch.Tensor, need_dx
     forward, grad_input, grad_weight = call.problems
     plan = _Plan(generation=dispatch.generation(), forward=forward, grad_input=grad_input,
                  grad_weight=grad_weight, forward_choice=choices[0], grad_input_choice=choices[1],
-                 grad_weight_choice=choices[2])
+                 grad_weight_choice=choices[2], on_gpu=x.is_cuda)
     # A default choice is re-resolved on the next call unless the policy keeps defaults (as the
     # dispatch memo does): "benchmark" or "tune" will measure it.
     if dispatch.get_policy() == "cached" or all(c is None or c.source != "default" for c in choices):
@@ -266,7 +271,7 @@ class _LinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x2d, w)
         ctx.plan = plan
         if plan.forward_choice.spec.algorithm == VENDOR:
-            with _label("autotune::gemm:vendor"):
+            with _label("autotune::gemm:vendor"), _VENDOR_OPS().tf32_as(plan.forward_choice.knobs, x2d):
                 return torch.addmm(b, x2d, w.t()) if b is not None else x2d @ w.t()  # bias fused, as F.linear
         y = _launch(plan.forward_choice, plan.forward, x2d, w)
         return y if b is None else y.add_(b)
@@ -537,7 +542,8 @@ def run_layer(call: LayerCall, choices: tuple, x: torch.Tensor, w: torch.Tensor,
     autotune.layer_check, which times the alternatives the way training calls them."""
     forward, grad_input, grad_weight = call.problems
     plan = _Plan(generation=-1, forward=forward, grad_input=grad_input, grad_weight=grad_weight,
-                 forward_choice=choices[0], grad_input_choice=choices[1], grad_weight_choice=choices[2])
+                 forward_choice=choices[0], grad_input_choice=choices[1], grad_weight_choice=choices[2],
+                 on_gpu=x.is_cuda)
     if call.kind == "conv2d":
         if plan.torch_only:
             return F.conv2d(x, w, b, *call.geometry)

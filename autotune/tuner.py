@@ -128,6 +128,14 @@ class SamplerPlan:
     # config is often one knob step from one (LeNet's conv table: at 11 configs of 75 every plan
     # with a random start left some seed 4.7% off; README, "Choosing the default sampler").
     local_when_short: int = 0
+    # The last ceil(local_tail * budget) proposals are local turns: the search ends by polishing
+    # its best configs, where the model or a random turn would explore regions it cannot finish.
+    local_tail: float = 0.0
+    # How a local turn measures "near": "scaled" counts an ordered knob's index steps scaled to
+    # its range (a step of a 5-value knob is 1/4) and any categorical change as 1, so it tries
+    # every small numeric step before flipping a categorical knob; "steps" counts one per index
+    # step and one per categorical change, so every one-knob neighbour is equally near.
+    local_metric: str = "scaled"
 
     def short(self, budget: int | None, defaults: int) -> bool:
         """Whether a search of `budget` configs, `defaults` of them defaults, only hill-climbs."""
@@ -140,10 +148,14 @@ class SamplerPlan:
             return turns
         return min(turns, math.ceil(self.random_share * budget))
 
+    def tail(self, budget: int | None) -> int:
+        """How many proposals at the end of a `budget`-config search are local turns."""
+        return 0 if budget is None or self.model is None else math.ceil(self.local_tail * budget)
+
     @property
     def depends_on_budget(self) -> bool:
         """Whether a run with a smaller budget differs from the start of a longer one."""
-        return self.model is not None and self.random_share < 1
+        return self.model is not None and (self.random_share < 1 or self.local_tail > 0)
 
 
 def _tpe(seed: int | None, startup: int = 8) -> optuna.samplers.BaseSampler:
@@ -465,6 +477,9 @@ class _Proposer:
             SamplerPlan() if self.grid else sampler_plan(sampler))
         self.turns = 0
         self.short = self.plan.short(budget, self.defaults)
+        # Proposal number (turns) from which every proposal is a local turn (the plan's tail).
+        self.polish_from = math.inf if budget is None or not self.plan.tail(budget) else (
+            budget - len(seen) - self.defaults - self.plan.tail(budget) + 1)
         self.random_first = 0 if self.short else self.plan.random_turns(len(valid), budget)
         # Configs measured before the model proposes (a stall among them means little: stopping).
         self.start = self.defaults + (self.random_first if self.plan.model is not None else 0)
@@ -473,7 +488,7 @@ class _Proposer:
             self.scratch = optuna.create_study(sampler=self.plan.model(seed), direction="minimize")
             for key, outcome in seen.items():
                 self._tell(self._trial_for(_config_from_key(key)), outcome)
-            self.near = _Neighbours(by_name, valid, self.unmeasured)
+            self.near = _Neighbours(by_name, valid, self.unmeasured, metric=self.plan.local_metric)
         self._pending: dict[str, optuna.Trial] = {}
         self.dropped: set[str] = set()
 
@@ -494,7 +509,7 @@ class _Proposer:
         self.turns += 1
         plan = self.plan
         j = self.turns - self.random_first
-        if self.short:
+        if self.short or (self.turns >= self.polish_from and self.best_config):
             return self._local()
         if plan.model is None or j <= 0 or (plan.random_every and j % plan.random_every == 0):
             return self._random()
@@ -596,7 +611,7 @@ class _Neighbours:
     """The valid configs of each algorithm as knob-index vectors, to find the nearest unmeasured
     one to a proposal: ordered knobs count index steps (scaled to 0..1), other knobs 0 or 1."""
 
-    def __init__(self, by_name, valid: list[Config], unmeasured: dict[str, Config]):
+    def __init__(self, by_name, valid: list[Config], unmeasured: dict[str, Config], metric: str = "scaled"):
         self.names: dict[str, list[str]] = {}
         self.index: dict[str, list[dict]] = {}
         self.weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -608,7 +623,8 @@ class _Neighbours:
             params = list(spec.space)
             self.names[algorithm] = [p.name for p in params]
             self.index[algorithm] = [{v: i for i, v in enumerate(p.values)} for p in params]
-            self.weights[algorithm] = (np.array([1.0 / max(len(p.values) - 1, 1) for p in params]),
+            steps = [1.0 if metric == "steps" else 1.0 / max(len(p.values) - 1, 1) for p in params]
+            self.weights[algorithm] = (np.array(steps),
                                        np.array([_is_ordinal(p) for p in params], dtype=bool))
             mine = [c for c in valid if c.algorithm == algorithm]
             self.keys[algorithm] = [c.key() for c in mine]

@@ -64,6 +64,12 @@ VARIANTS = {
     "hybrid-local": "hybrid-local",  # hybrid-l1 (the tuner's sampler of that name)
     "hybrid-l2": dataclasses.replace(sampler_plan("hybrid"), local_every=2),
     "hybrid-l4": dataclasses.replace(sampler_plan("hybrid"), local_every=4),
+    # hybrid whose hill-climbing counts one per knob step (SamplerPlan.local_metric), and hybrid
+    # that ends with local turns (SamplerPlan.local_tail: the last 10% / 20% of the budget)
+    "hybrid-steps": dataclasses.replace(sampler_plan("hybrid"), local_metric="steps"),
+    "hybrid-tail10": dataclasses.replace(sampler_plan("hybrid"), local_tail=0.1),
+    "hybrid-tail20": dataclasses.replace(sampler_plan("hybrid"), local_tail=0.2),
+    "hybrid-tail10-steps": dataclasses.replace(sampler_plan("hybrid"), local_tail=0.1, local_metric="steps"),
     "random": "random",
     "cmaes": "cmaes",
     "gp": SamplerPlan(model=lambda seed: optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)),

@@ -22,7 +22,7 @@ def _geometry(problem):
 
 
 @contextlib.contextmanager
-def _tf32(knobs, tensor):
+def tf32_as(knobs, tensor):
     """TF32 as the config says while torch's op launches, then the caller's flags back.
 
     A tuned config says it (default off: IEEE float32, as our float32 kernels compute by default;
@@ -46,13 +46,13 @@ def _tf32(knobs, tensor):
 
 def conv2d(problem, knobs, inputs, out):
     x, w = inputs
-    with _tf32(knobs, x):
+    with tf32_as(knobs, x):
         return F.conv2d(x, w, **_geometry(problem))
 
 
 def conv2d_bwd_data(problem, knobs, inputs, out):
     dy, w = inputs
-    with _tf32(knobs, dy):
+    with tf32_as(knobs, dy):
         return torch.ops.aten.convolution_backward(
             dy, dy.new_empty(problem.x_shape), w, None,
             (problem.stride,) * 2, (problem.padding,) * 2, (problem.dilation,) * 2,
@@ -62,7 +62,7 @@ def conv2d_bwd_data(problem, knobs, inputs, out):
 
 def conv2d_bwd_weight(problem, knobs, inputs, out):
     x, dy = inputs
-    with _tf32(knobs, x):
+    with tf32_as(knobs, x):
         return torch.ops.aten.convolution_backward(
             dy, x, x.new_empty(problem.w_shape), None,
             (problem.stride,) * 2, (problem.padding,) * 2, (problem.dilation,) * 2,
@@ -72,21 +72,21 @@ def conv2d_bwd_weight(problem, knobs, inputs, out):
 
 def gemm(problem, knobs, inputs, out):
     a, b = inputs
-    with _tf32(knobs, a):
+    with tf32_as(knobs, a):
         return torch.matmul(a.T if problem.trans_a else a, b.T if problem.trans_b else b, out=out)
 
 
 def conv2d_bias(problem, x, w, b, knobs=None):
     """Forward with the bias added inside torch's conv (the layer's fused fast path); knobs as
     the layer's choice (None: the user's TF32 flags)."""
-    with _tf32(knobs or {}, x):
+    with tf32_as(knobs or {}, x):
         return F.conv2d(x, w, b, **_geometry(problem))
 
 
 def conv2d_backward(problem, x, w, dy, mask, knobs=None):
     """dx, dw, db in one convolution_backward call, as torch's autograd computes them; entries
     whose mask is False come back as None."""
-    with _tf32(knobs or {}, x):
+    with tf32_as(knobs or {}, x):
         return torch.ops.aten.convolution_backward(
             dy, x, w, [problem.k] if mask[2] else None,
             (problem.stride,) * 2, (problem.padding,) * 2, (problem.dilation,) * 2,

@@ -106,6 +106,49 @@ def test_hybrid_with_a_short_budget_only_hill_climbs():
         assert min(t.measurement.median for t in order) <= 1.03 * land.optimum
 
 
+def test_a_local_tail_ends_the_search_with_one_knob_steps_from_measured_configs():
+    # random turns only (a model that never proposes), then the last ceil(20% of 30) = 6
+    # proposals are local turns: each one knob from a config measured before it.
+    land = landscapes.get("h100-conv2d-resnet")
+    plan = SamplerPlan(model=lambda seed: _Stubborn(), random_first=100, local_tail=0.2)
+    assert plan.tail(30) == 6 and plan.depends_on_budget and SamplerPlan(local_tail=0.2).tail(30) == 0
+    for seed in range(3):
+        order = sorted(_replay(land, plan, trials=30, seed=seed).trials, key=lambda t: t.number)
+        assert len(order) == 30
+        for i, trial in enumerate(order[24:], start=24):
+            knobs = trial.config.as_dict()
+            assert any(sum(knobs[k] != t.config.as_dict()[k] for k in knobs) == 1
+                       for t in order[:i] if t.config.algorithm == trial.config.algorithm)
+
+
+def test_the_steps_metric_prices_every_one_knob_change_alike():
+    """"scaled": a step of a 5-value knob costs 1/4, a categorical change 1, so a local turn
+    flips a categorical knob only after the numeric steps; "steps": each costs 1, a tie."""
+    import random
+
+    from autotune.tuner import _Neighbours
+
+    land = landscapes.get("h100-conv2d-resnet")
+    specs = {s.algorithm: s for s in land.specs()}
+    valid = registry.valid_configs(land.problem, list(specs.values()))
+    twin = Config.make("implicit_gemm", {"BLOCK_K": 64, "BLOCK_M": 256, "BLOCK_N": 64, "input_precision": "ieee",
+                                         "loop_order": "taps_outer", "num_stages": 2, "num_warps": 8})
+    assert twin in valid
+    unmeasured = {c.key(): c for c in valid if c != twin}
+
+    def changed(metric):
+        near = _Neighbours(specs, valid, unmeasured, metric=metric)
+        near.measured(twin.key())
+        found = set()
+        for seed in range(40):
+            pick = near.nearest(twin, unmeasured, random.Random(seed)).as_dict()
+            found |= {k for k, v in pick.items() if v != twin.as_dict()[k]}
+        return found
+
+    assert "loop_order" not in changed("scaled")
+    assert "loop_order" in changed("steps")
+
+
 class _Stubborn(optuna.samplers.BaseSampler):
     """Always proposes the smallest value of every knob (an invalid config, after the first)."""
 

@@ -99,3 +99,52 @@ def test_an_untuned_layer_runs_torch_as_the_user_set_it_up():
         assert torch.equal(ours, plain)
         assert all(torch.equal(a, c) for a, c in zip(ours_grads, plain_grads, strict=True))
         assert torch.backends.cudnn.allow_tf32 is user
+
+
+def test_a_layer_on_torch_ops_is_torch_own_unless_a_gpu_choice_pins_tf32():
+    """torch_only (torch's native layer, no autograd.Function) loses the chosen TF32 knobs for
+    the gradients, so on a GPU it is used only where no tuned choice pins them."""
+    from autotune.dispatch import Choice
+    from autotune.nn import _Plan
+
+    spec = _vendor(CONV32, "cpu")
+    tuned = Choice(spec=spec, knobs={"allow_tf32": True}, source="cache")
+    untuned = Choice(spec=spec, knobs={}, source="default")
+
+    def plan(choice, on_gpu):
+        return _Plan(generation=0, forward=CONV32, grad_input=None, grad_weight=CONV32.with_op("conv2d_bwd_weight"),
+                     forward_choice=choice, grad_input_choice=None, grad_weight_choice=choice, on_gpu=on_gpu)
+
+    assert plan(tuned, on_gpu=False).torch_only and plan(untuned, on_gpu=True).torch_only
+    assert not plan(tuned, on_gpu=True).torch_only
+    assert plan(tuned, on_gpu=True).torch_gradient_knobs == {"allow_tf32": True}
+    assert plan(untuned, on_gpu=True).torch_gradient_knobs == {}
+
+
+@cuda
+@pytest.mark.gpu
+def test_a_benchmarked_gpu_layer_matches_float64_and_leaves_the_flags():
+    """The benchmark policy on a GPU: every product chosen among torch (IEEE and TF32) and our
+    Triton kernels, then the layer's forward and gradients within TF32 tolerance of float64, and
+    the user's TF32 flags as they were (whatever the chosen kernels set while they ran)."""
+    import warnings
+
+    import autotune
+    from autotune import nn as tuned_nn
+
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    x = torch.randn(16, 6, 14, 14, device="cuda", requires_grad=True)
+    w = torch.randn(16, 6, 5, 5, device="cuda", requires_grad=True)
+    b = torch.randn(16, device="cuda", requires_grad=True)
+    dy = torch.randn(16, 16, 10, 10, device="cuda")
+    with autotune.policy("benchmark"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):  # the first call chooses, the second runs the held plan
+            y = tuned_nn.conv2d(x, w, b)
+            grads = torch.autograd.grad(y, (x, w, b), dy)
+    ref_in = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = torch.nn.functional.conv2d(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in, dy.double())
+    for got, want in zip((y, *grads), (ref, *ref_grads), strict=True):
+        assert ((got.double() - want).norm() / want.norm()).item() < 2e-3
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, True)
