@@ -19,6 +19,7 @@ from functools import cache
 import numpy as np
 import torch
 
+from autotune import precision
 from autotune.errors import DeviceError, UnknownNameError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -118,15 +119,20 @@ def fingerprint(kind: str) -> dict[str, str | int]:
     """The hardware a result was measured on. Changing any field invalidates cached results.
 
     On the CPU it includes torch's thread count at the time of the call: a kernel tuned against
-    torch on 2 threads is not the right choice on 1 (and `autotune show` prints it).
+    torch on 2 threads is not the right choice on 1 (and `autotune show` prints it). On a GPU it
+    includes torch's TF32 switches (autotune.precision): a choice tuned with TF32 allowed is not
+    one to serve where the user asked for IEEE float32.
     """
-    return _fingerprint(kind, threads() if kind == "cpu" else 0)
+    if kind == "cuda":
+        return {**_fingerprint(kind, 0), "tf32": precision.policy()}
+    return _fingerprint(kind, threads())
 
 
 def machine_tag(kind: str) -> str:
-    """Six hex digits naming this machine's hardware (the fingerprint less the thread count), so
-    machines sharing one study database share a study only when their hardware is the same."""
-    fp = {k: v for k, v in _fingerprint(kind, 0).items() if k != "threads"}
+    """Six hex digits naming this machine's hardware (the fingerprint less the thread count; on a
+    GPU with the TF32 switches, whose searches measure different configs), so machines sharing
+    one study database share a study only when their hardware and policy are the same."""
+    fp = {k: v for k, v in fingerprint(kind).items() if k != "threads"}
     return hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:6]
 
 

@@ -37,9 +37,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from autotune import precision
 from autotune.errors import PluginError, SearchSpaceError, UnknownNameError
 from autotune.problem import Problem
-from autotune.space import Config, Space, Value, load_spaces
+from autotune.space import Config, Param, Space, Value, load_spaces
 
 # The package that holds our kernel modules, and the top-level packages of this project whose
 # imports count towards a kernel's source hash.
@@ -424,9 +425,10 @@ def _builtins(backends) -> list[KernelSpec]:
 
 
 def kernels_for(problem: Problem, device_kind: str) -> list[KernelSpec]:
-    """Kernels that can run `problem` on this device, in registry order."""
+    """Kernels that can run `problem` on this device, in registry order, as a search there sees
+    them (for_device; on a GPU, TF32 only where torch's switch allows it: autotune.precision)."""
     return [
-        for_device(spec, device_kind)
+        for_device(spec, device_kind, problem)
         for spec in load(available_backends(device_kind))
         if spec.op == problem.op
         and problem.dtype in BACKEND_DTYPES[spec.backend]
@@ -434,12 +436,26 @@ def kernels_for(problem: Problem, device_kind: str) -> list[KernelSpec]:
     ]
 
 
-def for_device(spec: KernelSpec, device_kind: str) -> KernelSpec:
-    """The spec as a search on this device sees it: on a CPU without its GPU-only knobs."""
-    if device_kind == "cuda" or not spec.gpu_only_knobs:
+def for_device(spec: KernelSpec, device_kind: str, problem: Problem | None = None) -> KernelSpec:
+    """The spec as a search on this device sees it: on a CPU without its GPU-only knobs; on a GPU,
+    for a float32 `problem` whose TF32 switch is off, without TF32 values and with IEEE defaults."""
+    if device_kind != "cuda":
+        if not spec.gpu_only_knobs:
+            return spec
+        kept = tuple(p for p in spec.space if p.name not in spec.gpu_only_knobs)
+        return dataclasses.replace(spec, space=Space(params=kept))
+    if problem is None or problem.dtype != "float32" or precision.tf32_allowed(problem.op):
         return spec
-    kept = tuple(p for p in spec.space if p.name not in spec.gpu_only_knobs)
-    return dataclasses.replace(spec, space=Space(params=kept))
+    pinned = tuple(Param(name=p.name, values=tuple(v for v in p.values if v != precision.TF32_KNOBS[p.name][0]))
+                   if p.name in precision.TF32_KNOBS else p for p in spec.space)
+    defaults = spec.defaults
+
+    def ieee_defaults(prob):
+        knobs = defaults(prob) if callable(defaults) else defaults
+        return knobs if prob is None else precision.ieee_only(dict(knobs))
+
+    return dataclasses.replace(spec, space=Space(params=tuple(p for p in pinned if p.values)),
+                               defaults=ieee_defaults)
 
 
 def valid_configs(problem: Problem, specs: Sequence[KernelSpec]) -> list[Config]:

@@ -148,6 +148,11 @@ def run(args) -> dict:
     from autotune.worker import IsolatedEvaluator
 
     problems = [p for p in shapes() if re.search(args.only, p.describe())]
+    # TF32 allowed for matrix products as well as convolutions (torch allows it for convolutions
+    # only by default; `torch.set_float32_matmul_precision("high")` does this): the float32 rows
+    # then compare tensor-core kernels, ours and cuBLAS/cuDNN, under one policy
+    # (autotune.precision: the searches follow these switches).
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     started = time.monotonic()
     warmed = None
     if args.prewarm:

@@ -21,9 +21,31 @@ def _vendor_configs(problem, device):
     return [c.as_dict() for c in registry.valid_configs(problem, specs) if c.algorithm == "vendor"]
 
 
+@pytest.fixture
+def switches():
+    """Sets torch's TF32 switches (matrix products, convolutions) and puts them back after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    def set_switches(matmul: bool, conv: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+
+    yield set_switches
+    set_switches(*saved)
+
+
+@pytest.fixture
+def tf32_on(switches):
+    switches(True, True)
+
+
+@pytest.fixture
+def tf32_off(switches):
+    switches(False, False)
+
+
 @pytest.mark.parametrize("problem", [GEMM32, CONV32, CONV32.with_op("conv2d_bwd_data"),
                                      CONV32.with_op("conv2d_bwd_weight")], ids=lambda p: p.op)
-def test_a_gpu_search_weighs_torch_in_tf32_as_soon_as_it_may_pick_our_tf32(problem):
+def test_a_gpu_search_weighs_torch_in_tf32_as_soon_as_it_may_pick_our_tf32(problem, tf32_on):
     """Our float32 kernels may compute in TF32 (input_precision); torch's op must be measured in
     TF32 too, right after the defaults, or a GPU search compares our TF32 kernel with torch's IEEE
     one (an H200 run: cuBLAS TF32 0.38 ms, IEEE 2.70 ms, our TF32 0.84 ms for a 4096^3 GEMM)."""
@@ -148,3 +170,45 @@ def test_a_benchmarked_gpu_layer_matches_float64_and_leaves_the_flags():
     for got, want in zip((y, *grads), (ref, *ref_grads), strict=True):
         assert ((got.double() - want).norm() / want.norm()).item() < 2e-3
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, True)
+
+
+@pytest.mark.parametrize("problem", [GEMM32, CONV32, CONV32.with_op("conv2d_bwd_weight")], ids=lambda p: p.op)
+def test_where_torch_forbids_tf32_no_kernel_searches_it(problem, tf32_off):
+    """With torch's switch off, neither our kernels' input_precision nor torch's allow_tf32 is
+    searched in TF32, and every default is IEEE."""
+    specs = registry.kernels_for(problem, "cuda")
+    valid = registry.valid_configs(problem, specs)
+    assert len({c.algorithm for c in valid}) >= 2  # ours and torch's
+    tf32 = [c for c in valid if c.as_dict().get("input_precision") == "tf32" or c.as_dict().get("allow_tf32")]
+    assert not tf32
+    defaults = [s.default_config(problem).as_dict() for s in specs]
+    assert all(d.get("input_precision", "ieee") == "ieee" and not d.get("allow_tf32") for d in defaults)
+    assert not [c for c in tuner._seeds(problem, specs, valid, budget=12) if c not in valid]
+
+
+def test_each_op_kind_follows_its_own_switch(switches):
+    """Matrix products follow torch.backends.cuda.matmul.allow_tf32 (off by default in torch),
+    convolutions torch.backends.cudnn.allow_tf32 (on by default), as torch's own ops do."""
+    switches(False, True)
+
+    def searches_tf32(problem):
+        return any(c.as_dict().get("allow_tf32") for c in
+                   registry.valid_configs(problem, registry.kernels_for(problem, "cuda")))
+
+    assert not searches_tf32(GEMM32) and searches_tf32(CONV32)
+    switches(True, False)
+    assert searches_tf32(GEMM32) and not searches_tf32(CONV32)
+
+
+def test_the_gpu_fingerprint_names_the_tf32_policy(monkeypatch, switches):
+    """A result tuned with TF32 allowed is cached (and its study named) apart from one tuned
+    without: the policy is part of the GPU's fingerprint and of the machine tag."""
+    from autotune import device
+
+    monkeypatch.setattr(device, "_fingerprint", lambda kind, threads: {"kind": kind, "gpu": "test GPU"})
+    switches(False, True)
+    off = device.fingerprint("cuda"), device.machine_tag("cuda")
+    switches(True, True)
+    on = device.fingerprint("cuda"), device.machine_tag("cuda")
+    assert off[0]["tf32"].startswith("matmul ieee") and on[0]["tf32"].startswith("matmul tf32")
+    assert off[0] != on[0] and off[1] != on[1]
