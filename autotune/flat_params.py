@@ -26,6 +26,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from autotune import fused_adadelta
 from autotune.errors import OptimizerError
 
 # torch.optim classes whose update of an element depends only on that element's own history.
@@ -88,12 +89,20 @@ class FlatAdadelta(torch.optim.Adadelta):
     step mapped and faulted in fresh pages (a 64 us `aten::add` where the in-place ops took 15 us).
     Same state_dict layout as torch's Adadelta (step, square_avg, acc_delta per parameter)."""
 
-    def __init__(self, params, **kwargs):
+    def __init__(self, params, *, fused: bool | None = None, **kwargs):
+        """fused: the update of a CPU float32/float64 buffer as one compiled pass
+        (autotune.fused_adadelta; not bit for bit torch's ops, an ulp or so a step); None (the
+        default) where Numba is installed. False: torch's ops, bit for bit torch's Adadelta."""
         if kwargs.get("capturable") or kwargs.get("differentiable"):
             raise OptimizerError("FlatAdadelta does not support capturable or differentiable; use "
                                  "flat_optimizer(..., torch.optim.Adadelta) without them")
         kwargs.pop("foreach", None)  # one tensor per buffer: nothing to fuse
         super().__init__(params, **kwargs)
+        if fused is None:
+            from autotune.registry import numba_available
+
+            fused = numba_available()
+        self.fused = bool(fused)
         self._scratch: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _state(self, p: torch.Tensor) -> dict:
@@ -129,6 +138,9 @@ class FlatAdadelta(torch.optim.Adadelta):
                     grad = torch.add(grad, p, alpha=weight_decay, out=grad_scratch)
                 state["step"] += 1
                 square_avg, acc_delta = state["square_avg"], state["acc_delta"]
+                if self.fused and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
+                    fused_adadelta.update(p, grad, square_avg, acc_delta, rho=rho, eps=eps, lr=lr)
+                    continue
                 square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
                 torch.add(square_avg, eps, out=std).sqrt_()
                 torch.add(acc_delta, eps, out=delta).sqrt_()

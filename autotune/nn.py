@@ -437,7 +437,7 @@ def _patchable_conv(m: nn.Conv2d) -> bool:
     return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str) and square
 
 
-def patch(model: nn.Module) -> nn.Module:
+def patch(model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
     """Swap the model's nn.Conv2d / nn.Linear / nn.MaxPool2d for autotune's, in place; returns
     the model.
 
@@ -445,8 +445,18 @@ def patch(model: nn.Module) -> nn.Module:
     their identity (an optimizer built before patching still updates them) and state_dict keys
     are unchanged. Convs we cannot run (groups, non-zero padding modes, unequal strides) and
     pools with overlapping or padded windows stay torch's.
+
+    With `example` (an input batch, or a tensor of its shape), a layer whose every product
+    (forward and gradients) for that shape is cached as torch's op stays torch's own module, as
+    the step check timed it (autotune.step_check): no wrapper, no lookups. Layers with a kernel of
+    ours or an uncached product are patched (the policy chooses at their first call). The layer
+    still runs torch's op for other shapes, uncached: patch without `example` to dispatch every
+    shape.
     """
+    torch_only = _cached_torch_only(model, example) if example is not None else set()
     for module in model.modules():
+        if id(module) in torch_only:
+            continue
         if type(module) is nn.Conv2d and _patchable_conv(module):
             module.__class__ = Conv2d
         elif type(module) is nn.Linear:
@@ -454,6 +464,27 @@ def patch(model: nn.Module) -> nn.Module:
         elif type(module) is nn.MaxPool2d and _patchable_pool(module):
             module.__class__ = MaxPool2d
     return model
+
+
+def _cached_torch_only(model: nn.Module, example: torch.Tensor) -> set[int]:
+    """ids of the model's modules whose layer call on `example`'s shape has every product cached
+    as torch's op (in the current policy's cache)."""
+    found: dict[int, Problem] = {}
+    calls = {c.problems[0]: c for c in layer_calls(model, example, by_module=found)}
+    device = "cuda" if example.is_cuda else "cpu"
+    cache = dispatch.cache()
+
+    def torch_only(call: LayerCall) -> bool:
+        entries = [cache.find(p, device, registry.kernels_for(p, device)) for p in call.problems if p is not None]
+        return all(e is not None and e.algorithm == VENDOR for e in entries)
+
+    verdicts = {problem: torch_only(call) for problem, call in calls.items()}
+    for problem, call in calls.items():
+        if verdicts[problem]:  # a cache hit, never a measurement: the choice table lists the layer
+            for p in call.problems:
+                if p is not None:
+                    dispatch.select(p, device)
+    return {module_id for module_id, problem in found.items() if verdicts.get(problem)}
 
 
 @dataclass(frozen=True)

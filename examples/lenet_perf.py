@@ -55,8 +55,10 @@ MODES = {"untuned": (False, False), "tuned": (True, True), "flat optimizer": (Fa
 
 
 def copies(model: torch.nn.Module, device: torch.device, lr: float,
-           modes: tuple[str, ...] = ("untuned", "tuned")) -> dict[str, tuple]:
-    """Copies of `model` (same weights) per mode, each with its own Adadelta."""
+           modes: tuple[str, ...] = ("untuned", "tuned"), example: torch.Tensor | None = None) -> dict[str, tuple]:
+    """Copies of `model` (same weights) per mode, each with its own Adadelta. With `example` (a
+    batch), the tuned copy keeps torch's own modules where every product is cached as torch's
+    (autotune.patch), as the step check timed it."""
     plain = autotune.LeNet5().to(device)
     plain.load_state_dict(model.state_dict())  # state_dict keys are the same patched or not
     out = {}
@@ -64,7 +66,7 @@ def copies(model: torch.nn.Module, device: torch.device, lr: float,
         patched, flat = MODES[name]
         m = copy.deepcopy(plain)
         if patched:
-            autotune.patch(m)
+            autotune.patch(m, example)
         out[name] = (m, adadelta(m, lr, flat=flat))
     return out
 
@@ -106,8 +108,8 @@ def compare_tuned(model, data, args, device, *, steps: int = COMPARE_BLOCK_STEPS
     """
     steps = max(1, min(steps, args.compare_steps // 2))
     blocks = max(2, -(-args.compare_steps // steps))
-    pairs = copies(model, device, args.lr, tuple(MODES))
     batches = fixed_batches(data, args.batch_size, steps, device, args.seed)
+    pairs = copies(model, device, args.lr, tuple(MODES), example=batches[0][0])
     for m, opt in pairs.values():  # the first steps select (maybe benchmark) kernels: not timed
         _timed_steps(m, opt, batches[:2], device)
     times: dict[str, list[float]] = {name: [] for name in pairs}
@@ -134,7 +136,7 @@ def compare_batch_sizes(model, data, args, device, *, steps: int = 6) -> list[di
     rows = []
     for batch_size in args.compare_batch_sizes:
         batches = fixed_batches(data, batch_size, steps, device, args.seed)
-        for mode, (m, opt) in copies(model, device, args.lr).items():
+        for mode, (m, opt) in copies(model, device, args.lr, example=batches[0][0]).items():
             _timed_steps(m, opt, batches[:2], device)  # kernel selection happens here
             ms = 1e3 * statistics.median(_timed_steps(m, opt, batches, device))
             with profile(activities=_activities(device)) as prof:
@@ -174,6 +176,8 @@ def profile_steps(model, data, args, device) -> dict:
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     out = Path(args.profile_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Every layer patched, even those on torch's ops (labelled autotune::<op>:vendor): the profile
+    # names each layer's choice.
     m, opt = copies(model, device, args.lr)["tuned" if args.tuned else "untuned"]
     total = PROFILE_WAIT + PROFILE_WARMUP + PROFILE_ACTIVE
     batches = fixed_batches(data, args.batch_size, total, device, args.seed)

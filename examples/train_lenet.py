@@ -138,10 +138,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(seed: int, device: torch.device, tuned: bool) -> torch.nn.Module:
+def build_model(seed: int, device: torch.device, tuned: bool, batch_size: int | None = None) -> torch.nn.Module:
+    """LeNet-5; tuned: on autotune's layers, except those whose every product at `batch_size`
+    is cached as torch's op (they stay torch's own modules: autotune.patch)."""
     torch.manual_seed(seed)
     model = autotune.LeNet5().to(device)
-    return autotune.patch(model) if tuned else model
+    if not tuned:
+        return model
+    example = None if batch_size is None else torch.zeros(batch_size, 1, 28, 28, device=device)
+    return autotune.patch(model, example)
 
 
 def train_step(model, optimizer, x, y) -> tuple[float, float]:
@@ -229,7 +234,7 @@ def selections_since(before: dict[str, int]) -> dict[str, int]:
 
 
 def train(args, data, device) -> tuple[torch.nn.Module, dict]:
-    model = build_model(args.seed, device, args.tuned)
+    model = build_model(args.seed, device, args.tuned, args.batch_size)
     optimizer = lenet_perf.adadelta(model, args.lr, flat=args.tuned)
     scheduler = StepLR(optimizer, step_size=1, gamma=args.gamma)
     writer = lenet_perf.open_writer(args.tensorboard, model, data, device) if args.tensorboard else None

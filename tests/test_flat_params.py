@@ -36,13 +36,48 @@ def _same_parameters(a, b) -> bool:
 def test_flat_adadelta_is_torchs_update_bit_for_bit(options, foreach):
     ref, flat = _pair()
     reference = torch.optim.Adadelta(ref.parameters(), lr=1.0, foreach=foreach, **options)
-    optimizer = autotune.flat_optimizer(flat.parameters(), torch.optim.Adadelta, lr=1.0, **options)
+    optimizer = autotune.flat_optimizer(flat.parameters(), torch.optim.Adadelta, lr=1.0, fused=False, **options)
     assert isinstance(optimizer, FlatAdadelta) and len(optimizer.param_groups[0]["params"]) == 1
     _train(ref, reference)
     _train(flat, optimizer)
     assert _same_parameters(ref, flat)
     state = optimizer.state[optimizer.param_groups[0]["params"][0]]
     assert set(state) == {"step", "square_avg", "acc_delta"} and float(state["step"]) == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.01}, {"maximize": True, "rho": 0.8}])
+def test_fused_flat_adadelta_is_torchs_update_within_rounding(options, dtype):
+    """The one-pass update (the default where Numba is installed) does torch's arithmetic in
+    torch's order; rounding differs (torch rounds every op, and may fuse a multiply-add), so
+    after 5 LeNet steps parameters and both running averages agree to float rounding."""
+    pytest.importorskip("numba")
+    ref, flat = _pair()
+    ref, flat = ref.to(dtype), flat.to(dtype)
+    before = [p.detach().clone() for p in ref.parameters()]
+    reference = torch.optim.Adadelta(ref.parameters(), lr=1.0, foreach=False, **options)
+    optimizer = autotune.flat_optimizer(flat.parameters(), torch.optim.Adadelta, lr=1.0, **options)
+    assert optimizer.fused
+
+    def train(model, opt):
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(5):
+            x, y = torch.randn(8, 1, 28, 28, generator=gen, dtype=dtype), torch.randint(0, 10, (8,), generator=gen)
+            opt.zero_grad()
+            F.nll_loss(model(x), y).backward()
+            opt.step()
+
+    train(ref, reference)
+    train(flat, optimizer)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-14}
+    for p, q in zip(ref.parameters(), flat.parameters(), strict=True):
+        torch.testing.assert_close(q, p, **tol)
+    assert all(not torch.equal(p, b) for p, b in zip(ref.parameters(), before, strict=True))  # they moved
+    ours = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    theirs = [reference.state[p] for p in ref.parameters()]
+    for key in ("square_avg", "acc_delta"):
+        torch.testing.assert_close(ours[key], torch.cat([t[key].reshape(-1) for t in theirs]), **tol)
+    assert float(ours["step"]) == 5
 
 
 @pytest.mark.parametrize("cls, options", [(torch.optim.Adam, {"lr": 1e-3}), (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})])
@@ -61,7 +96,7 @@ def test_gradients_set_to_none_elsewhere_are_taken_back():
     # flat buffer. The step must still see them (and the buffer stays the parameters' storage).
     ref, flat = _pair()
     reference = torch.optim.Adadelta(ref.parameters(), lr=1.0)
-    optimizer = autotune.flat_optimizer(flat.parameters(), torch.optim.Adadelta, lr=1.0)
+    optimizer = autotune.flat_optimizer(flat.parameters(), torch.optim.Adadelta, lr=1.0, fused=False)
     _train(ref, reference)
     _train(flat, optimizer, zero=flat.zero_grad)
     assert _same_parameters(ref, flat)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -236,3 +238,27 @@ def test_correctness_our_pool_forward_hands_torch_gradient_its_indices(tmp_path)
     (dx_ref,) = torch.autograd.grad(y_ref, ref, dy)
     assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(y.nan_to_num(), y_ref.nan_to_num())
     assert torch.equal(dx, dx_ref)
+
+
+def test_patch_with_an_example_leaves_layers_cached_as_torch_to_torch(tmp_path):
+    """patch(model, example): a layer whose every product is cached as torch's op stays torch's
+    own module (no wrapper: what the step check timed); a layer with a kernel of ours, or an
+    uncached product, is patched; without an example every layer is."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+    x = torch.randn(2, 1, 8, 8)
+    conv, pool, linear = layer_calls(model, x)
+    cache = Cache(tmp_path)
+    for problem in (p for p in conv.problems if p is not None):
+        cache.store(_vendor_entry(problem, "im2col_gemm", ms=0.01, own_ms=0.02))
+    forward, gradient, _ = pool.problems
+    cache.store(_own_entry(forward, "loop_nest", {}, ms=0.01, vendor_ms=0.05))
+    cache.store(_vendor_entry(gradient, "loop_nest", ms=0.02, own_ms=0.03))
+    # the linear layer's products are not cached at all
+    with autotune.policy("cached", cache_dir=tmp_path):
+        patched = autotune.patch(copy.deepcopy(model), x)
+        everything = autotune.patch(copy.deepcopy(model))
+        assert [type(m) for m in patched][:2] == [nn.Conv2d, autotune.nn.MaxPool2d]
+        assert type(patched[3]) is autotune.nn.Linear
+        assert [type(m) for m in everything][:2] == [autotune.nn.Conv2d, autotune.nn.MaxPool2d]
+        y = patched(x)
+        assert torch.allclose(y, model(x), atol=1e-6)
