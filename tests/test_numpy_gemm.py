@@ -10,7 +10,7 @@ from autotune import registry
 from autotune.measure import Status, evaluate, verify
 from autotune.problem import GemmProblem
 from autotune.reference import empty_output, make_inputs, reference
-from kernels.numpy_gemm import LOOP_ORDERS
+from kernels.numpy_gemm import BLAS_CALLS, LOOP_ORDERS
 
 TRANSPOSES = [(False, False), (True, False), (False, True), (True, True)]
 DTYPES = ["float32", "float64"]
@@ -68,11 +68,38 @@ def test_blocked_correctness_dividing_tiles_and_default_config():
     run_and_verify(blocked(), problem, blocked().default_config(problem).as_dict())
 
 
+@pytest.mark.parametrize("call", BLAS_CALLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("trans_a,trans_b", TRANSPOSES)
-def test_blas_correctness(trans_a, trans_b, dtype):
+def test_blas_correctness(trans_a, trans_b, dtype, call):
     problem = GemmProblem(**RAGGED, trans_a=trans_a, trans_b=trans_b, dtype=dtype)
-    run_and_verify(blas(), problem, {})
+    run_and_verify(blas(), problem, {"call": call})
+
+
+@pytest.mark.parametrize("call", BLAS_CALLS)
+@pytest.mark.parametrize("m,n,k", [(1, 84, 10), (120, 40, 1), (1, 1, 7)])
+def test_blas_correctness_vector_and_outer_products(m, n, k, call):
+    # A linear layer at batch 1: M=1 (a row times a matrix) and, for its grad weight, K=1 (an
+    # outer product, the shape for which np.matmul leaves BLAS and np.dot does not).
+    for trans_a, trans_b in TRANSPOSES:
+        run_and_verify(blas(), GemmProblem(m=m, n=n, k=k, trans_a=trans_a, trans_b=trans_b), {"call": call})
+
+
+def test_blas_dot_writes_into_an_output_it_cannot_hand_to_np_dot():
+    # np.dot only writes into a C-contiguous out; a strided out (a transposed view) must still be
+    # filled, by np.matmul, not refused or left unwritten.
+    problem = GemmProblem(m=24, n=16, k=8)
+    inputs = make_inputs(problem)
+    out = empty_output(GemmProblem(m=16, n=24, k=8)).fill_(float("nan")).t()
+    result = blas().run(problem, {"call": "dot"}, inputs, out)
+    assert result is out
+    assert verify(problem, out, reference(problem, inputs))[0]
+
+
+def test_blas_call_knob_is_searched_and_checked():
+    spec = blas()
+    assert spec.space.size() == len(BLAS_CALLS)
+    assert spec.check(GemmProblem(m=4, n=4, k=4), {"call": "einsum"}) is not None
 
 
 def test_blocked_correctness_through_evaluate():
