@@ -56,6 +56,7 @@ MODULES = {
     "numpy_winograd": "numpy",
     "numpy_pool": "numpy",
     "numba_pool": "numba",
+    "numba_gemm": "numba",
     "vendor": "torch",
     "triton_gemm": "triton",
     "triton_conv": "triton",
