@@ -45,6 +45,12 @@ HYBRID_STARTUP_FRACTION = 0.01  # ... or this share of the valid space, whicheve
 HYBRID_STARTUP_SHARE = 0.25
 HYBRID_EVERY = 3  # after that, one proposal in HYBRID_EVERY stays random
 HYBRID_LOCAL_SHORT = 8  # budgets of at most this many configs past the defaults only hill-climb
+# The last HYBRID_POLISH of a budget of at least HYBRID_POLISH_FROM configs polishes the best
+# configs: one-knob changes, the one whose new value went with the fastest times first (README,
+# "Choosing the default sampler": it took the replay's ResNet conv from a worst seed 3.3% off the
+# optimum to the optimum, and an 8192x8192x128 GEMM from a median 1.0% off to 0.8%).
+HYBRID_POLISH = 0.2
+HYBRID_POLISH_FROM = 32
 ALGORITHM_FOCUS = 8  # random turns favour algorithms whose best is near the best (_Proposer._promise)
 VENDOR = "vendor"
 CANDIDATE_TIMEOUT_S = 60.0  # a GPU candidate that takes longer is recorded as a timeout
@@ -131,11 +137,19 @@ class SamplerPlan:
     # The last ceil(local_tail * budget) proposals are local turns: the search ends by polishing
     # its best configs, where the model or a random turn would explore regions it cannot finish.
     local_tail: float = 0.0
+    # ... for budgets of at least this many configs: a shorter search is still finding a region,
+    # and a polish of its few configs spends turns the model or a random draw would use better.
+    local_tail_from: int = 0
     # How a local turn measures "near": "scaled" counts an ordered knob's index steps scaled to
     # its range (a step of a 5-value knob is 1/4) and any categorical change as 1, so it tries
     # every small numeric step before flipping a categorical knob; "steps" counts one per index
     # step and one per categorical change, so every one-knob neighbour is equally near.
     local_metric: str = "scaled"
+    # Which of the equally near configs a local turn takes: "random", or "effects": the one whose
+    # changed knob values went with the fastest times so far (each value's mean log time over the
+    # algorithm's measured configs, a main-effects estimate; a value not measured yet counts as
+    # the mean), so a polish tries the promising one-knob changes first.
+    local_rank: str = "random"
 
     def short(self, budget: int | None, defaults: int) -> bool:
         """Whether a search of `budget` configs, `defaults` of them defaults, only hill-climbs."""
@@ -150,7 +164,9 @@ class SamplerPlan:
 
     def tail(self, budget: int | None) -> int:
         """How many proposals at the end of a `budget`-config search are local turns."""
-        return 0 if budget is None or self.model is None else math.ceil(self.local_tail * budget)
+        if budget is None or self.model is None or budget < self.local_tail_from:
+            return 0
+        return math.ceil(self.local_tail * budget)
 
     @property
     def depends_on_budget(self) -> bool:
@@ -195,7 +211,9 @@ def sampler_plan(name: str) -> SamplerPlan:
         # that settled on one plateau keeps sampling the rest of the space.
         return SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=HYBRID_STARTUP,
                            random_fraction=HYBRID_STARTUP_FRACTION, random_share=HYBRID_STARTUP_SHARE,
-                           random_every=HYBRID_EVERY, by_algorithm=True, local_when_short=HYBRID_LOCAL_SHORT)
+                           random_every=HYBRID_EVERY, by_algorithm=True, local_when_short=HYBRID_LOCAL_SHORT,
+                           local_tail=HYBRID_POLISH, local_tail_from=HYBRID_POLISH_FROM, local_metric="steps",
+                           local_rank="effects")
     if name == "hybrid-local":
         # hybrid whose model turns are hill-climbing steps (local_every=1): the better plan for
         # small budgets and spaces whose optimum sits one knob from a good config, the worse one
@@ -469,6 +487,7 @@ class _Proposer:
         self.rng = random.Random(seed)
         self.best_by_algorithm: dict[str, float] = {}
         self.best_config: dict[str, Config] = {}  # the config behind each best_by_algorithm
+        self.log_times: dict[str, list[tuple[dict, float]]] = {}  # measured (knobs, log ms) per algorithm
         for key, outcome in seen.items():  # a resumed study's measurements count too
             self._note_best(_config_from_key(key), outcome)
         self.invalid = 0
@@ -549,7 +568,31 @@ class _Proposer:
         if not algorithms:
             return self._random()
         algorithm = self.rng.choices(algorithms, weights=self._promise(algorithms))[0]
+        if self.plan.local_rank == "effects":
+            ties = self.near.nearest_all(self.best_config[algorithm], self.unmeasured)
+            if len(ties) > 1:
+                return self._most_promising(self.best_config[algorithm], ties)
         return self.near.nearest(self.best_config[algorithm], self.unmeasured, self.rng)
+
+    def _most_promising(self, best: Config, candidates: list[Config]) -> Config:
+        """The candidate whose knob changes from `best` have the lowest main-effect estimate
+        (SamplerPlan.local_rank); ties keep a random order."""
+        logs = self.log_times.get(best.algorithm, [])
+        overall = sum(t for _, t in logs) / len(logs) if logs else 0.0
+        effect: dict[tuple, float] = {}
+        for knobs, t in logs:
+            for item in knobs.items():
+                total, count = effect.get(item, (0.0, 0))
+                effect[item] = (total + t, count + 1)
+        mean = {item: total / count for item, (total, count) in effect.items()}
+        here = best.as_dict()
+
+        def score(config: Config) -> float:
+            return sum(mean.get((name, value), overall) - mean.get((name, here.get(name)), overall)
+                       for name, value in config.as_dict().items() if here.get(name) != value)
+
+        shuffled = self.rng.sample(candidates, len(candidates))
+        return min(shuffled, key=score)
 
     def _promise(self, algorithms: list[str]) -> list[float]:
         """How often a random turn tries each algorithm: (best time of all / its best time) to the
@@ -585,6 +628,9 @@ class _Proposer:
         self._tell(trial, outcome)
 
     def _note_best(self, config: Config, outcome: Outcome) -> None:
+        if outcome.status is Status.OK and outcome.measurement.median > 0:
+            self.log_times.setdefault(config.algorithm, []).append(
+                (config.as_dict(), math.log(outcome.measurement.median)))
         if outcome.status is Status.OK and outcome.measurement.median < self.best_by_algorithm.get(
                 config.algorithm, math.inf):
             self.best_by_algorithm[config.algorithm] = outcome.measurement.median
@@ -646,15 +692,20 @@ class _Neighbours:
         self.measured(key, alive=True)
 
     def nearest(self, config: Config, unmeasured: dict[str, Config], rng: random.Random) -> Config:
+        ties = self.nearest_all(config, unmeasured)
+        return ties[rng.randrange(len(ties))] if ties else rng.choice(list(unmeasured.values()))
+
+    def nearest_all(self, config: Config, unmeasured: dict[str, Config]) -> list[Config]:
+        """Every unmeasured config of config's algorithm at the least distance from it."""
         algorithm = config.algorithm
         alive = np.flatnonzero(self.alive.get(algorithm, np.zeros(0, dtype=bool)))
         if alive.size == 0:
-            return rng.choice(list(unmeasured.values()))
+            return []
         step, ordinal = self.weights[algorithm]
         diff = self.vectors[algorithm][alive] - np.array(self._vector(algorithm, config.as_dict()), dtype=float)
         cost = np.where(ordinal, np.abs(diff) * step, diff != 0).sum(axis=1)
         best = alive[np.flatnonzero(cost <= cost.min() + 1e-9)]
-        return unmeasured[self.keys[algorithm][int(best[rng.randrange(len(best))])]]
+        return [unmeasured[self.keys[algorithm][int(i)]] for i in best]
 
 
 def _add_trial(study: optuna.Study, spec, config: Config, outcome: Outcome) -> None:

@@ -43,6 +43,9 @@ from autotune.stopping import StopRule
 from autotune.tuner import SamplerPlan, make_sampler, sampler_plan, tune
 
 FRACTIONS = (0.02, 0.05, 0.15)
+# The default plan before its polish (SamplerPlan.local_tail / local_rank), for the record.
+HYBRID_V3 = dataclasses.replace(sampler_plan("hybrid"), local_tail=0.0, local_tail_from=0, local_metric="scaled",
+                                local_rank="random")
 SEEDS = 10
 # The samplers compared: names of autotune.tuner's SAMPLERS, or variants (SamplerPlans) made here.
 VARIANTS = {
@@ -50,26 +53,35 @@ VARIANTS = {
     "tpe-s32": SamplerPlan(model=lambda seed: optuna.samplers.TPESampler(
         seed=seed, multivariate=True, group=True, n_startup_trials=32)),
     "tpe-indep": SamplerPlan(model=lambda seed: optuna.samplers.TPESampler(seed=seed)),  # Optuna's default
-    "hybrid": "hybrid",  # random for max(16, 1% of the space) but ≤ 25% of the budget, then TPE, 1 turn in 3 random
-    # (a budget of ≤ 8 configs past the defaults only hill-climbs: SamplerPlan.local_when_short)
-    # hybrid before that short-budget rule, and with a longer one
-    "hybrid-v2": dataclasses.replace(sampler_plan("hybrid"), local_when_short=0),
-    "hybrid-s16": dataclasses.replace(sampler_plan("hybrid"), local_when_short=16),
-    # hybrid before the random start scaled with the budget and drew the algorithm first
+    # hybrid: random for max(16, 1% of the space) but ≤ 25% of the budget, then TPE, 1 turn in 3
+    # random; budgets of >= 32 configs end with a polish (the last 20%: one-knob changes of the
+    # best configs, ranked by main effects); a budget of ≤ 8 configs past the defaults only
+    # hill-climbs (SamplerPlan.local_when_short)
+    "hybrid": "hybrid",
+    # hybrid before the polish (the default until 2026-11-28), and variants of it
+    "hybrid-v3": HYBRID_V3,
+    # ... before the short-budget rule, and with a longer one
+    "hybrid-v2": dataclasses.replace(HYBRID_V3, local_when_short=0),
+    "hybrid-s16": dataclasses.replace(HYBRID_V3, local_when_short=16),
+    # ... before the random start scaled with the budget and drew the algorithm first
     "hybrid-v1": SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=16,
                              random_fraction=0.01, random_every=3),
     "hybrid-16": SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=16, random_every=3),
     "hybrid-r2": SamplerPlan(model=functools.partial(make_sampler, "hybrid"), random_first=16, random_every=2),
-    # hybrid with hill-climbing turns (SamplerPlan.local_every)
+    # ... with hill-climbing turns (SamplerPlan.local_every)
     "hybrid-local": "hybrid-local",  # hybrid-l1 (the tuner's sampler of that name)
-    "hybrid-l2": dataclasses.replace(sampler_plan("hybrid"), local_every=2),
-    "hybrid-l4": dataclasses.replace(sampler_plan("hybrid"), local_every=4),
-    # hybrid whose hill-climbing counts one per knob step (SamplerPlan.local_metric), and hybrid
-    # that ends with local turns (SamplerPlan.local_tail: the last 10% / 20% of the budget)
-    "hybrid-steps": dataclasses.replace(sampler_plan("hybrid"), local_metric="steps"),
-    "hybrid-tail10": dataclasses.replace(sampler_plan("hybrid"), local_tail=0.1),
-    "hybrid-tail20": dataclasses.replace(sampler_plan("hybrid"), local_tail=0.2),
-    "hybrid-tail10-steps": dataclasses.replace(sampler_plan("hybrid"), local_tail=0.1, local_metric="steps"),
+    "hybrid-l2": dataclasses.replace(HYBRID_V3, local_every=2),
+    "hybrid-l4": dataclasses.replace(HYBRID_V3, local_every=4),
+    # ... whose hill-climbing counts one per knob step (SamplerPlan.local_metric), and ending with
+    # local turns (SamplerPlan.local_tail: the last 10% / 20% of the budget)
+    "hybrid-steps": dataclasses.replace(HYBRID_V3, local_metric="steps"),
+    "hybrid-tail10": dataclasses.replace(HYBRID_V3, local_tail=0.1),
+    "hybrid-tail20": dataclasses.replace(HYBRID_V3, local_tail=0.2),
+    "hybrid-tail10-steps": dataclasses.replace(HYBRID_V3, local_tail=0.1, local_metric="steps"),
+    # today's hybrid without parts of its polish: the equally near changes in random order, and
+    # a polish at every budget
+    "hybrid-polish-random": dataclasses.replace(sampler_plan("hybrid"), local_rank="random"),
+    "hybrid-polish-always": dataclasses.replace(sampler_plan("hybrid"), local_tail_from=0),
     "random": "random",
     "cmaes": "cmaes",
     "gp": SamplerPlan(model=lambda seed: optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)),

@@ -219,3 +219,53 @@ def test_replay_runner_quick_on_a_synthetic_table(tmp_path, capsys):
     assert stop["sampler"] == "hybrid" and configs == sorted(configs) and configs[-1] <= stop["fixed"]["configs"] == 25
     assert all(stop[k]["time_saved"] >= 0 and stop[k]["speed_lost"] >= 0 for k in ("1e3", "1e5", "1e7"))
     assert "| synthetic | 25 cfg," in out
+
+
+def test_hybrid_polishes_only_budgets_long_enough_to_have_a_best_region():
+    plan = sampler_plan("hybrid")
+    assert plan.local_tail_from > 1 and plan.local_tail > 0
+    assert plan.tail(plan.local_tail_from - 1) == 0
+    assert plan.tail(plan.local_tail_from) == -(-plan.local_tail_from * plan.local_tail // 1)
+
+
+def test_the_effects_polish_tries_the_change_whose_value_went_with_faster_times():
+    # Random turns only, then a polish of 5 local turns from the best config. Of its one-knob
+    # neighbours, "effects" takes first the one whose new knob value had the lowest mean log time
+    # among the configs measured before: recomputed here from the trial history.
+    import math
+
+    land = landscapes.get("h100-conv2d-resnet")
+    plan = SamplerPlan(model=lambda seed: _Stubborn(), random_first=100, local_tail=0.2, local_metric="steps",
+                       local_rank="effects")
+    for seed in range(3):
+        order = sorted(_replay(land, plan, trials=25, seed=seed).trials, key=lambda t: t.number)
+        before, first_polish = order[:20], order[20].config.as_dict()
+        timed = [(t.config.as_dict(), math.log(t.measurement.median)) for t in before if t.measurement]
+        best = min(before, key=lambda t: t.measurement.median if t.measurement else math.inf).config.as_dict()
+        changed = [k for k in best if best[k] != first_polish[k]]
+        assert len(changed) == 1  # a one-knob step from the best
+
+        def mean(knob, value, timed=timed):
+            logs = [t for knobs, t in timed if knobs[knob] == value]
+            return sum(logs) / len(logs) if logs else sum(t for _, t in timed) / len(timed)
+
+        knob = changed[0]
+        gain = mean(knob, first_polish[knob]) - mean(knob, best[knob])
+        # No other unmeasured one-knob neighbour of the best had a better (lower) estimate.
+        measured = {t.config.key() for t in before}
+        specs = {s.algorithm: s for s in land.specs()}
+        for other in registry.valid_configs(land.problem, list(specs.values())):
+            knobs = other.as_dict()
+            diff = [k for k in best if best[k] != knobs[k]]
+            if len(diff) == 1 and other.key() not in measured:
+                assert mean(diff[0], knobs[diff[0]]) - mean(diff[0], best[diff[0]]) >= gain - 1e-12
+
+
+def test_hybrid_finds_the_resnet_conv_optimum_at_15_percent_for_every_seed():
+    # The replay's hardest cell for the previous default (a worst seed 3.3% off: the optimum's
+    # loop_order twin); with the polish every seed ends on the optimum (README, sampler choice).
+    land = landscapes.get("h100-conv2d-resnet")
+    budget = round(0.15 * land.valid)
+    for seed in range(10):
+        result = _replay(land, "hybrid", trials=budget, seed=seed)
+        assert result.best.measurement.median <= 1.03 * land.optimum, seed
