@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_TRIALS}; on a cached shape, with --force)")
     search.add_argument("--timeout", type=float, help="stop the search after this many seconds")
     search.add_argument("--sampler", default="hybrid", choices=SAMPLER_CHOICES,
-                        help="hybrid (default: random, then TPE), hybrid-local (random, then hill-climbing "
+                        help="hybrid (default: random, then TPE; 32 configs or more end with one-knob changes of the "
+                        "best), hybrid-local (random, then hill-climbing "
                         "from the best configs: better on small budgets), tpe, random, grid (exhaustive) or cmaes")
     search.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     search.add_argument("--storage", help="Optuna storage URL (default: sqlite in the cache dir, "
