@@ -487,7 +487,9 @@ class _Proposer:
         self.rng = random.Random(seed)
         self.best_by_algorithm: dict[str, float] = {}
         self.best_config: dict[str, Config] = {}  # the config behind each best_by_algorithm
-        self.log_times: dict[str, list[tuple[dict, float]]] = {}  # measured (knobs, log ms) per algorithm
+        # Per algorithm, per (knob, value): (sum, count) of the log times measured with that value,
+        # and ("", None) for all of them: the main-effects estimate behind local_rank="effects".
+        self.log_sums: dict[str, dict[tuple, tuple[float, int]]] = {}
         for key, outcome in seen.items():  # a resumed study's measurements count too
             self._note_best(_config_from_key(key), outcome)
         self.invalid = 0
@@ -568,27 +570,27 @@ class _Proposer:
         if not algorithms:
             return self._random()
         algorithm = self.rng.choices(algorithms, weights=self._promise(algorithms))[0]
-        if self.plan.local_rank == "effects":
-            ties = self.near.nearest_all(self.best_config[algorithm], self.unmeasured)
-            if len(ties) > 1:
-                return self._most_promising(self.best_config[algorithm], ties)
-        return self.near.nearest(self.best_config[algorithm], self.unmeasured, self.rng)
+        best = self.best_config[algorithm]
+        ties = self.near.nearest_all(best, self.unmeasured)
+        if self.plan.local_rank == "effects" and len(ties) > 1:
+            return self._most_promising(best, ties)
+        return self.near.choose(ties, self.unmeasured, self.rng)
 
     def _most_promising(self, best: Config, candidates: list[Config]) -> Config:
         """The candidate whose knob changes from `best` have the lowest main-effect estimate
         (SamplerPlan.local_rank); ties keep a random order."""
-        logs = self.log_times.get(best.algorithm, [])
-        overall = sum(t for _, t in logs) / len(logs) if logs else 0.0
-        effect: dict[tuple, float] = {}
-        for knobs, t in logs:
-            for item in knobs.items():
-                total, count = effect.get(item, (0.0, 0))
-                effect[item] = (total + t, count + 1)
-        mean = {item: total / count for item, (total, count) in effect.items()}
+        sums = self.log_sums.get(best.algorithm, {})
+        total, count = sums.get(("", None), (0.0, 0))
+        overall = total / count if count else 0.0
+
+        def mean(item: tuple) -> float:
+            total, count = sums.get(item, (0.0, 0))
+            return total / count if count else overall
+
         here = best.as_dict()
 
         def score(config: Config) -> float:
-            return sum(mean.get((name, value), overall) - mean.get((name, here.get(name)), overall)
+            return sum(mean((name, value)) - mean((name, here.get(name)))
                        for name, value in config.as_dict().items() if here.get(name) != value)
 
         shuffled = self.rng.sample(candidates, len(candidates))
@@ -629,8 +631,10 @@ class _Proposer:
 
     def _note_best(self, config: Config, outcome: Outcome) -> None:
         if outcome.status is Status.OK and outcome.measurement.median > 0:
-            self.log_times.setdefault(config.algorithm, []).append(
-                (config.as_dict(), math.log(outcome.measurement.median)))
+            log_time, sums = math.log(outcome.measurement.median), self.log_sums.setdefault(config.algorithm, {})
+            for item in (("", None), *config.as_dict().items()):
+                total, count = sums.get(item, (0.0, 0))
+                sums[item] = (total + log_time, count + 1)
         if outcome.status is Status.OK and outcome.measurement.median < self.best_by_algorithm.get(
                 config.algorithm, math.inf):
             self.best_by_algorithm[config.algorithm] = outcome.measurement.median
@@ -692,7 +696,11 @@ class _Neighbours:
         self.measured(key, alive=True)
 
     def nearest(self, config: Config, unmeasured: dict[str, Config], rng: random.Random) -> Config:
-        ties = self.nearest_all(config, unmeasured)
+        return self.choose(self.nearest_all(config, unmeasured), unmeasured, rng)
+
+    @staticmethod
+    def choose(ties: list[Config], unmeasured: dict[str, Config], rng: random.Random) -> Config:
+        """One of nearest_all's configs at random (any unmeasured one if it found none)."""
         return ties[rng.randrange(len(ties))] if ties else rng.choice(list(unmeasured.values()))
 
     def nearest_all(self, config: Config, unmeasured: dict[str, Config]) -> list[Config]:
